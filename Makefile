@@ -1,0 +1,38 @@
+# The two commands of the README: `make test` and `make demo`. Each sets up `.venv` from requirements.lock itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
+
+.PHONY: venv test lint format demo bench clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest -n 2 --dist loadgroup tests
+
+demo: $(STAMP)
+	$(BIN)/lvm bench attention --quick --out runs/demo/bench_attention
+
+bench: $(STAMP)
+	$(BIN)/lvm bench attention --out runs/bench/attention
+
+clean:
+	rm -rf $(VENV) .jax_cache runs

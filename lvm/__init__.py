@@ -1,0 +1,1 @@
+"""LVM: long-context video-language models in JAX."""

@@ -1,0 +1,30 @@
+"""Test set-up: 8 simulated CPU devices and the persistent compile cache, configured before jax is imported."""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_cache = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; jax was imported before conftest.py"
+
+
+def make_mesh(shape, names=("dp", "fsdp", "tp", "sp")):
+    """A mesh of the first prod(shape) devices with classic (Auto) axis types."""
+    n = 1
+    for s in shape:
+        n *= s
+    return jax.make_mesh(
+        tuple(shape), tuple(names), axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=jax.devices()[:n]
+    )
+
+
+@pytest.fixture
+def mesh_factory():
+    return make_mesh
