@@ -3,7 +3,9 @@
 import os
 import pathlib
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _cache = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
@@ -21,7 +23,10 @@ def make_mesh(shape, names=("dp", "fsdp", "tp", "sp")):
     for s in shape:
         n *= s
     return jax.make_mesh(
-        tuple(shape), tuple(names), axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=jax.devices()[:n]
+        tuple(shape),
+        tuple(names),
+        axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+        devices=jax.devices()[:n],
     )
 
 

@@ -38,10 +38,22 @@ class Stats(NamedTuple):
     l: jax.Array  # noqa: E741  [b, h, g, c] f32, running denominator
 
 
-def init_stats(q: jax.Array) -> Stats:
+def varying_like(x, *refs):
+    """Mark a fresh array as varying over the manual mesh axes of `refs` (needed under shard_map's check_vma)."""
+    vma = lambda a: jax.typeof(a).manual_axis_type.varying
+    missing = tuple(sorted(frozenset().union(*map(vma, refs)) - vma(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def init_stats(q: jax.Array, *refs) -> Stats:
     """Empty online-softmax state for queries `q` [b, h, g, c, d]."""
     b, h, g, c, d = q.shape
-    return Stats(jnp.zeros((b, h, g, c, d), F32), jnp.full((b, h, g, c), -jnp.inf, F32), jnp.zeros((b, h, g, c), F32))
+    fresh = (
+        jnp.zeros((b, h, g, c, d), F32),
+        jnp.full((b, h, g, c), -jnp.inf, F32),
+        jnp.zeros((b, h, g, c), F32),
+    )
+    return Stats(*(varying_like(x, q, *refs) for x in fresh))
 
 
 def finalize(stats: Stats, dtype) -> tuple[jax.Array, jax.Array]:
@@ -119,10 +131,15 @@ def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Til
             return acc, n + needed.astype(jnp.int32)
 
         local, count = lax.fori_loop(0, nk, k_step, (local, count))
-        st = Stats(*(lax.dynamic_update_slice_in_dim(full, part, qs, 3) for full, part in zip(st, local, strict=True)))
+        st = Stats(
+            *(
+                lax.dynamic_update_slice_in_dim(full, part, qs, 3)
+                for full, part in zip(st, local, strict=True)
+            )
+        )
         return st, count
 
-    return lax.fori_loop(0, nq, q_step, (stats, jnp.int32(0)))
+    return lax.fori_loop(0, nq, q_step, (stats, varying_like(jnp.int32(0), q, k, q_idx, k_idx)))
 
 
 def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tiling: Tiling):
@@ -132,8 +149,8 @@ def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tili
     """
     cq, ck, causal, scale = tiling
     nq, nk = _num_chunks(q.shape[3], cq), _num_chunks(k.shape[2], ck)
-    dk0 = jnp.zeros(k.shape, F32)
-    dv0 = jnp.zeros(v.shape, F32)
+    dk0 = varying_like(jnp.zeros(k.shape, F32), q, k, do, q_idx, k_idx)
+    dv0 = varying_like(jnp.zeros(v.shape, F32), q, k, do, q_idx, k_idx)
 
     def q_step(i, carry):
         dq, dk, dv = carry

@@ -90,7 +90,7 @@ def _ring_forward(q, k, v, seg, cfg: RingConfig):
     r = lax.axis_index(cfg.axis_name)
     c = q.shape[3]
     q_idx = local_token_index(r, n, c, cfg.layout)
-    stats = blockwise.init_stats(q)
+    stats = blockwise.init_stats(q, k, q_idx)
     counts = []
     kv = (k, v, seg)
     for step in range(n):
@@ -120,7 +120,7 @@ def _ring_core_bwd(cfg, res, do):
     c = q.shape[3]
     q_idx = local_token_index(r, n, c, cfg.layout)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = blockwise.varying_like(jnp.zeros(q.shape, jnp.float32), q, k, do, q_idx)
     kv = (k, v, seg)
     grads_in = None  # key/value gradients of the block in hand, accumulated by the devices it visited
     for step in range(n):
@@ -172,13 +172,17 @@ def _specs(mesh: Mesh, axis_name: str, batch: int, heads: int, kv_heads: int):
         raise ValueError(f"mesh has no axis {axis_name!r} (axes: {mesh.axis_names})")
     tp = "tp" if "tp" in mesh.axis_names and mesh.shape["tp"] > 1 else None
     if tp and (heads % mesh.shape["tp"] or kv_heads % mesh.shape["tp"]):
-        raise ValueError(f"heads ({heads}) and kv heads ({kv_heads}) must be divisible by tp={mesh.shape['tp']}")
+        raise ValueError(
+            f"heads ({heads}) and kv heads ({kv_heads}) must be divisible by tp={mesh.shape['tp']}"
+        )
     batch_axes = tuple(a for a in mesh.axis_names if a not in (axis_name, "tp") and mesh.shape[a] > 1)
     size = 1
     for a in batch_axes:
         size *= mesh.shape[a]
     if batch % size:
-        raise ValueError(f"batch {batch} must be divisible by the product of batch mesh axes {batch_axes} = {size}")
+        raise ValueError(
+            f"batch {batch} must be divisible by the product of batch mesh axes {batch_axes} = {size}"
+        )
     b = batch_axes or None
     return P(b, axis_name, tp, None), P(b, axis_name)
 
@@ -215,5 +219,5 @@ def sharded_attention(
         return from_layout(ring_attention(q, k, v, seg, **kw), axis_name, layout)
 
     seg_spec = None if segment_ids is None else tok
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, seg_spec), out_specs=act, check_vma=False)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, seg_spec), out_specs=act)
     return fn(q, k, v, segment_ids)
