@@ -9,6 +9,9 @@ import sys
 # command name -> module defining `add_arguments(parser)` and `run(args) -> int | None`.
 COMMANDS = {
     "bench": "lvm.bench.cli",
+    "train-text-tokenizer": "lvm.commands.train_text_tokenizer",
+    "train-vqgan": "lvm.commands.train_vqgan",
+    "eval-vqgan": "lvm.commands.eval_vqgan",
 }
 
 

@@ -1,4 +1,4 @@
-"""Benchmarks: `lvm bench attention` (later: tokenizer, data, generate)."""
+"""Benchmarks that print and save numbers: `lvm bench attention`, `lvm bench tokenizer`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 # benchmark name -> module defining `add_arguments(parser)` and `run(args)`.
 BENCHMARKS = {
     "attention": "lvm.bench.attention",
+    "tokenizer": "lvm.bench.tokenizer",
 }
 
 
