@@ -12,6 +12,7 @@ COMMANDS = {
     "train-text-tokenizer": "lvm.commands.train_text_tokenizer",
     "train-vqgan": "lvm.commands.train_vqgan",
     "eval-vqgan": "lvm.commands.eval_vqgan",
+    "pretokenize": "lvm.commands.pretokenize",
 }
 
 

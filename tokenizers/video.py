@@ -38,9 +38,15 @@ def read_frames(path: str, indices, resolution: int) -> np.ndarray:
     The shorter side is resized to `resolution` (antialiased), then the centre square is cropped.
     """
     import decord
-    from PIL import Image
 
     frames = decord.VideoReader(path, num_threads=1).get_batch(list(indices)).asnumpy()  # [n, h, w, 3]
+    return resize_crop(frames, resolution)
+
+
+def resize_crop(frames: np.ndarray, resolution: int) -> np.ndarray:
+    """uint8 `[n, h, w, 3]` -> `[n, resolution, resolution, 3]`: short side resized (antialiased), centre crop."""
+    from PIL import Image
+
     h, w = frames.shape[1:3]
     scale = resolution / min(h, w)
     new_h, new_w = max(resolution, round(h * scale)), max(resolution, round(w * scale))

@@ -1,4 +1,4 @@
-"""Benchmarks that print and save numbers: `lvm bench attention`, `lvm bench tokenizer`."""
+"""Benchmarks that print and save numbers: `lvm bench attention|tokenizer|data`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import importlib
 BENCHMARKS = {
     "attention": "lvm.bench.attention",
     "tokenizer": "lvm.bench.tokenizer",
+    "data": "lvm.bench.data",
 }
 
 

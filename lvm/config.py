@@ -1,0 +1,383 @@
+"""The project's one configuration schema: typed, frozen dataclasses validated when they are built.
+
+A `Config` has one section per concern (`model`, `attention`, `mesh`; later issues add `train`, `data`, ...).
+Adding a section is adding a dataclass field to `Config`: the loader finds sections and their keys by
+introspection. Configs are loaded from YAML files (each file holds sections, later files override earlier ones)
+plus `section.key=value` overrides, e.g.
+
+    cfg = load_config(["model/tiny"], ["mesh=1,2,1,4", "attention.q_chunk=128"])
+
+Every bad value fails at load time with a message that names the fix. Checks that need the device count or the
+batch shape live in `Config.check_devices` and `Config.check_batch_shape`; the model calls them before tracing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lvm.attention.layout import LAYOUTS, check_layout
+from lvm.attention.ring import resolve_chunks
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_LAYOUTS = ("interleaved", "half")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MESH_AXES = ("dp", "fsdp", "tp", "sp")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says how to fix it."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(name: str, value: str, choices: Sequence[str]) -> None:
+    _require(value in choices, f"{name}={value!r} is not supported; choose one of {tuple(choices)}")
+
+
+def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _require(value > 0, f"{section}.{name}={value} must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA-style decoder with separate text and vision embeddings/heads (defaults: LWM-7B)."""
+
+    text_vocab_size: int = 32000
+    vision_vocab_size: int = 8448  # 8192 VQGAN codes + <eof>, <eov> + reserved
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int | None = None  # None: d_model // n_heads
+    mlp_dim: int = 11008
+    rope_theta: float = 10000.0
+    rope_layout: str = (
+        "interleaved"  # "interleaved": pairs (2i, 2i+1) as in LWM; "half": (i, i + D/2) as in HF
+    )
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "full"  # rematerialisation policy of each layer
+    scan_layers: bool = True
+    ffn_chunk: int | None = None  # tokens per feed-forward chunk (per device); None: derived from the block
+    loss_chunk: int | None = None  # tokens per loss chunk (per device); None: derived from the block
+
+    def __post_init__(self):
+        _positive(
+            "model",
+            self,
+            (
+                "text_vocab_size",
+                "vision_vocab_size",
+                "d_model",
+                "n_layers",
+                "n_heads",
+                "n_kv_heads",
+                "head_dim",
+            ),
+        )
+        _positive("model", self, ("mlp_dim", "rope_theta", "norm_eps", "init_std", "ffn_chunk", "loss_chunk"))
+        if self.head_dim is None:
+            _require(
+                self.d_model % self.n_heads == 0,
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "set model.head_dim explicitly or change the head count",
+            )
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
+            "choose n_kv_heads dividing n_heads (grouped-query attention)",
+        )
+        _require(self.head_dim % 2 == 0, f"model.head_dim={self.head_dim} must be even for RoPE")
+        _choice("model.rope_layout", self.rope_layout, ROPE_LAYOUTS)
+        _choice("model.dtype", self.dtype, DTYPES)
+        _choice("model.param_dtype", self.param_dtype, DTYPES)
+        _choice("model.remat", self.remat, REMAT_POLICIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Ring attention settings; chunk sizes of None are derived from the per-device block."""
+
+    layout: str = "zigzag"
+    q_chunk: int | None = None
+    kv_chunk: int | None = None
+
+    def __post_init__(self):
+        _choice("attention.layout", self.layout, LAYOUTS)
+        _positive("attention", self, ("q_chunk", "kv_chunk"))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes over axes (dp, fsdp, tp, sp); one of them may be -1 to absorb the remaining devices."""
+
+    dp: int = 1
+    fsdp: int = -1
+    tp: int = 1
+    sp: int = 1
+
+    def __post_init__(self):
+        sizes = self.sizes()
+        _require(
+            all(s > 0 or s == -1 for s in sizes),
+            f"mesh {self} has a size that is neither positive nor -1; write it as dp,fsdp,tp,sp e.g. 1,-1,4,2",
+        )
+        _require(
+            sizes.count(-1) <= 1, f"mesh {self} has more than one -1; at most one axis can absorb the rest"
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> MeshConfig:
+        """Parse "dp,fsdp,tp,sp", e.g. "1,-1,4,2"."""
+        parts = [p.strip() for p in str(text).split(",")]
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            values = []
+        _require(
+            len(values) == len(MESH_AXES),
+            f"mesh {text!r} must be four integers dp,fsdp,tp,sp such as 1,-1,4,2",
+        )
+        return cls(*values)
+
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, a) for a in MESH_AXES)
+
+    def resolve(self, n_devices: int) -> MeshConfig:
+        """The mesh with -1 replaced so that the sizes multiply to `n_devices`."""
+        sizes = self.sizes()
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            _require(
+                n_devices % known == 0,
+                f"mesh {self}: {n_devices} devices are not divisible by the fixed axes' product {known}; "
+                "change the fixed sizes",
+            )
+            sizes = tuple(n_devices // known if s == -1 else s for s in sizes)
+        _require(
+            math.prod(sizes) == n_devices,
+            f"mesh {self} uses {math.prod(sizes)} devices but {n_devices} are available; make the product "
+            "dp*fsdp*tp*sp equal the device count or set one axis to -1",
+        )
+        return MeshConfig(*sizes)
+
+    def __str__(self) -> str:
+        return ",".join(str(s) for s in self.sizes())
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole project's configuration, one section per concern."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        m, tp = self.model, self.mesh.tp
+        if tp != -1:
+            for name in (
+                "n_heads",
+                "n_kv_heads",
+                "mlp_dim",
+                "d_model",
+                "text_vocab_size",
+                "vision_vocab_size",
+            ):
+                value = getattr(m, name)
+                _require(
+                    value % tp == 0,
+                    f"model.{name}={value} is not divisible by mesh tp={tp} (tensor parallelism shards it); "
+                    f"change mesh.tp or make model.{name} a multiple of {tp}",
+                )
+
+    def check_devices(self, n_devices: int) -> MeshConfig:
+        """Validate against the device count; returns the resolved mesh."""
+        mesh = self.mesh.resolve(n_devices)
+        Config(self.model, self.attention, mesh)  # tp checks with -1 resolved
+        shards = mesh.fsdp * mesh.sp
+        _require(
+            self.model.d_model % shards == 0,
+            f"model.d_model={self.model.d_model} is not divisible by fsdp*sp={shards} (parameters are "
+            "FSDP-sharded over both); change the mesh or d_model",
+        )
+        return mesh
+
+    def check_batch_shape(self, batch_size: int, seq_len: int, n_devices: int) -> None:
+        """Validate a global batch [batch_size, seq_len] against the mesh and the chunk sizes."""
+        mesh = self.check_devices(n_devices)
+        data = mesh.dp * mesh.fsdp
+        _require(
+            batch_size % data == 0,
+            f"batch size {batch_size} is not divisible by dp*fsdp={data} (the batch is sharded over both); "
+            f"use a multiple of {data}",
+        )
+        try:
+            check_layout(self.attention.layout, seq_len, mesh.sp)
+            block = seq_len // mesh.sp
+            resolve_chunks(
+                block, mesh.sp, self.attention.layout, self.attention.q_chunk, self.attention.kv_chunk
+            )
+        except ValueError as err:
+            raise ConfigError(f"{err} (attention.layout / attention.q_chunk / attention.kv_chunk)") from None
+        for name in ("ffn_chunk", "loss_chunk"):
+            chunk = getattr(self.model, name)
+            _require(
+                chunk is None or block % chunk == 0,
+                f"model.{name}={chunk} must divide the per-device block of {block} tokens (seq_len / sp); "
+                f"pick a divisor of {block}",
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _sections(cls=Config) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """`value` (from YAML or the command line) as type `kind`, or a ConfigError naming the key."""
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        return _coerce(key, value, next(a for a in args if a is not type(None)))
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, bool):
+                return value
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                return int(value)
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+        elif kind is float:
+            if isinstance(value, int | float | str) and not isinstance(value, bool):
+                return float(value)
+        elif kind is str:
+            if isinstance(value, str):
+                return value
+    except ValueError:
+        pass
+    name = getattr(kind, "__name__", str(kind))
+    raise ConfigError(f"{key}={value!r} is not a valid {name}")
+
+
+def _unknown(key: str, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return ConfigError(f"unknown config key {key!r}; {hint}valid: {', '.join(valid)}")
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if isinstance(values, str) and hasattr(cls, "parse"):
+        return cls.parse(values)
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise _unknown(f"{name}.{key}", [f"{name}.{f}" for f in fields])
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from nested sections (missing keys take defaults)."""
+    sections = _sections()
+    for name in data:
+        if name not in sections:
+            raise _unknown(name, list(sections))
+    return Config(**{name: _build_section(name, cls, data.get(name)) for name, cls in sections.items()})
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A YAML path: an existing file, or a name like "model/tiny" under `configs/`."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
+    if candidate.is_file():
+        return candidate
+    available = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    raise FileNotFoundError(f"no config file {name!r}; pass a YAML path or one of: {', '.join(available)}")
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_override(data: dict, override: str) -> dict:
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. model.n_layers=4")
+    value = yaml.safe_load(text) if text.strip() else None
+    sections = _sections()
+    name, _, sub = key.partition(".")
+    if name not in sections:
+        raise _unknown(name, list(sections))
+    if not sub:  # a whole section given as a scalar, e.g. mesh=1,-1,4,2
+        return _merge(data, {name: text.strip()})
+    section = data.get(name)
+    if isinstance(section, str):  # e.g. mesh given as "1,-1,4,2" in a file, then mesh.sp=2
+        section = dataclasses.asdict(_build_section(name, sections[name], section))
+    return _merge(data, {name: _merge(dict(section or {}), {sub: value})})
+
+
+def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """Load YAML files (later ones win) then apply `section.key=value` overrides; validate the result."""
+    data: dict = {}
+    for name in files:
+        path = resolve_config_path(name)
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: a config file must map section names to mappings")
+        data = _merge(data, loaded)
+    for override in overrides:
+        data = _apply_override(data, override)
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (mesh as its "dp,fsdp,tp,sp" string) that `config_from_dict` reads back."""
+    out = {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    out["mesh"] = str(cfg.mesh)
+    return out

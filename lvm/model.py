@@ -1,0 +1,382 @@
+"""LLaMA-style decoder for interleaved text and vision tokens, sequence-parallel with ring attention.
+
+Written as pure JAX functions over a nested dict of arrays rather than Flax NNX modules: the parameter tree, its
+parallel tree of logical axes (`param_axes`) and the stacked-layer scan are then plain pytrees and `lax.scan`,
+with nothing between the code and `jit` / `shard_map` / `jax.checkpoint`. Parameters are created by a jitted
+initialiser with `out_shardings`, directly on their final devices.
+
+Data flow of one forward pass (global arrays, jit + sharding constraints; only attention is a `shard_map`):
+  1. The batch's token stream (tokens, masks, positions, segment ids, targets) is permuted ONCE into the ring
+     layout (zigzag by default) with collective permutes. Every later step is position-wise except attention,
+     and ring attention derives each token's global index (for the causal mask) from the layout itself.
+  2. Embedding: the input vision mask picks `vte` or `wte` per position.
+  3. Layers (stacked on a leading axis, scanned, rematerialised per `model.remat`): RMSNorm, attention with GQA
+     and RoPE (positions restart per packed document) through `ring_attention` over `sp` with segment ids;
+     RMSNorm, SwiGLU feed-forward applied in sequence chunks so the [chunk, mlp] activation exists per chunk.
+  4. Output: the target vision mask picks `vision_head` or `lm_head`. `loss_fn` computes the loss in sequence
+     chunks (full-vocabulary float32 logits exist per chunk only) and never undoes the layout (a sum over
+     tokens does not care about order); `forward` returns full logits and undoes the layout ONCE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh
+
+from lvm.attention import from_layout, ring_attention, to_layout
+from lvm.attention.ring import default_chunk
+from lvm.config import MESH_AXES, Config, MeshConfig, ModelConfig
+from lvm.layers import apply_rope, rms_norm, rope_angles, swiglu
+from lvm.sharding import (
+    RESIDUAL,
+    TOKENS,
+    gather_param,
+    logical_sharding,
+    logical_spec,
+    replicated,
+    tree_shardings,
+    with_logical_constraint,
+)
+
+F32 = jnp.float32
+DEFAULT_FFN_CHUNK = 1024  # largest derived feed-forward chunk (tokens per device)
+DEFAULT_LOSS_CHUNK = 512  # largest derived loss chunk (tokens per device)
+_REMAT = {  # model.remat -> jax.checkpoint policy ("none": no rematerialisation)
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Batch(NamedTuple):
+    """A packed global batch; every field is [batch, seq] in natural token order.
+
+    tokens: int ids (text or vision vocabulary, per `vision_mask`); positions: RoPE positions (restart per
+    document); segment_ids: document ids (attention stays within a segment; compared for equality only);
+    targets: next-token ids (vision vocabulary where `target_vision_mask`); loss_mask: 0/1 (or float) weights.
+    """
+
+    tokens: jax.Array
+    vision_mask: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array
+    targets: jax.Array
+    target_vision_mask: jax.Array
+    loss_mask: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str  # "normal" (std model.init_std) or "ones"
+
+
+def param_specs(m: ModelConfig) -> dict:
+    """Shape, logical axes and initialiser of every parameter; layer weights are stacked on a leading axis."""
+    L, d, h, hk, hd, f = m.n_layers, m.d_model, m.n_heads, m.n_kv_heads, m.head_dim, m.mlp_dim
+    return {
+        "wte": ParamSpec((m.text_vocab_size, d), ("vocab", "embed"), "normal"),
+        "vte": ParamSpec((m.vision_vocab_size, d), ("vocab", "embed"), "normal"),
+        "layers": {
+            "attn_norm": ParamSpec((L, d), ("layers", "norm"), "ones"),
+            "wq": ParamSpec((L, d, h, hd), ("layers", "embed", "heads", "head_dim"), "normal"),
+            "wk": ParamSpec((L, d, hk, hd), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+            "wv": ParamSpec((L, d, hk, hd), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+            "wo": ParamSpec((L, h, hd, d), ("layers", "heads", "head_dim", "embed"), "normal"),
+            "mlp_norm": ParamSpec((L, d), ("layers", "norm"), "ones"),
+            "w_gate": ParamSpec((L, d, f), ("layers", "embed", "mlp"), "normal"),
+            "w_up": ParamSpec((L, d, f), ("layers", "embed", "mlp"), "normal"),
+            "w_down": ParamSpec((L, f, d), ("layers", "mlp", "embed"), "normal"),
+        },
+        "final_norm": ParamSpec((d,), ("norm",), "ones"),
+        "lm_head": ParamSpec((d, m.text_vocab_size), ("embed", "vocab"), "normal"),
+        "vision_head": ParamSpec((d, m.vision_vocab_size), ("embed", "vocab"), "normal"),
+    }
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(m: ModelConfig) -> dict:
+    """Tree of logical-axes tuples parallel to the parameter tree."""
+    return jax.tree.map(lambda s: s.axes, param_specs(m), is_leaf=_is_spec)
+
+
+def param_shapes(m: ModelConfig) -> dict:
+    """Tree of ShapeDtypeStructs of the parameters (no allocation)."""
+    dtype = jnp.dtype(m.param_dtype)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), param_specs(m), is_leaf=_is_spec)
+
+
+def param_shardings(cfg: Config, mesh: Mesh) -> dict:
+    """Tree of NamedShardings of the parameters on `mesh`."""
+    return tree_shardings(mesh, param_axes(cfg.model))
+
+
+def param_count(m: ModelConfig) -> int:
+    """Number of parameters."""
+    return sum(s.size for s in jax.tree.leaves(param_shapes(m)))
+
+
+def init_params(cfg: Config, mesh: Mesh, key: jax.Array) -> dict:
+    """Initialise the parameters directly on their shardings (values do not depend on the mesh)."""
+    m = cfg.model
+    specs, treedef = jax.tree.flatten(param_specs(m), is_leaf=_is_spec)
+    dtype = jnp.dtype(m.param_dtype)
+
+    def init(key):
+        keys = jax.random.split(key, len(specs))
+        leaves = [
+            jnp.ones(s.shape, dtype)
+            if s.init == "ones"
+            else (m.init_std * jax.random.normal(k, s.shape)).astype(dtype)
+            for s, k in zip(specs, keys, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, leaves)
+
+    return jax.jit(init, out_shardings=param_shardings(cfg, mesh))(key)
+
+
+def batch_shardings(mesh: Mesh) -> Batch:
+    """Shardings of a Batch's fields: batch over (dp, fsdp), sequence over sp."""
+    return Batch(*[logical_sharding(mesh, TOKENS)] * len(Batch._fields))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward pass
+
+
+class _Plan(NamedTuple):
+    """Static, per-shape settings of one forward pass."""
+
+    cfg: Config
+    mesh: Mesh
+    ffn_chunk: int
+    loss_chunk: int
+
+
+def _plan(cfg: Config, mesh: Mesh, batch: Batch) -> _Plan:
+    """Validate the batch shape against the config and `mesh` (before tracing further); resolve chunk sizes."""
+    b, s = batch.tokens.shape
+    sizes = MeshConfig(*(mesh.shape[a] for a in MESH_AXES))
+    dataclasses.replace(cfg, mesh=sizes).check_batch_shape(b, s, mesh.size)
+    block = s // sizes.sp
+    m = cfg.model
+    return _Plan(
+        cfg,
+        mesh,
+        m.ffn_chunk or default_chunk(block, DEFAULT_FFN_CHUNK),
+        m.loss_chunk or default_chunk(block, DEFAULT_LOSS_CHUNK),
+    )
+
+
+def _tokens_to_layout(batch: Batch, plan: _Plan) -> Batch:
+    """Permute every [batch, seq] field into the ring layout (collective permutes over sp)."""
+    layout = plan.cfg.attention.layout
+    spec = logical_spec(TOKENS)
+    fn = lambda b: jax.tree.map(lambda x: to_layout(x, "sp", layout), b)
+    return jax.shard_map(fn, mesh=plan.mesh, in_specs=(spec,), out_specs=spec)(batch)
+
+
+def _logits_from_layout(logits: jax.Array, plan: _Plan) -> jax.Array:
+    """Undo the ring layout of [batch, seq, vocab] logits."""
+    spec = logical_spec(("batch", "seq", "act_vocab"))
+    fn = partial(from_layout, axis_name="sp", layout=plan.cfg.attention.layout)
+    return jax.shard_map(fn, mesh=plan.mesh, in_specs=(spec,), out_specs=spec)(logits)
+
+
+def _use(w: jax.Array, axes, plan: _Plan) -> jax.Array:
+    """A parameter cast to the compute dtype and gathered for use."""
+    return gather_param(w.astype(jnp.dtype(plan.cfg.model.dtype)), axes, plan.mesh)
+
+
+def _embed(params: dict, tokens: jax.Array, vision_mask: jax.Array, plan: _Plan) -> jax.Array:
+    """[batch, seq] ids -> [batch, seq, d]: the input vision mask picks `vte` or `wte` per position."""
+    axes = ("vocab", "embed")
+    text = jnp.take(_use(params["wte"], axes, plan), jnp.where(vision_mask, 0, tokens), axis=0)
+    vision = jnp.take(_use(params["vte"], axes, plan), jnp.where(vision_mask, tokens, 0), axis=0)
+    return with_logical_constraint(jnp.where(vision_mask[..., None], vision, text), RESIDUAL, plan.mesh)
+
+
+def _seq_chunks(x: jax.Array, chunk: int, plan: _Plan) -> jax.Array:
+    """[b, S, ...] -> [n, b, sp, chunk, ...]: chunks of each device's block, stacked on an unsharded axis."""
+    b, s = x.shape[:2]
+    sp = plan.mesh.shape["sp"]
+    y = jnp.moveaxis(x.reshape(b, sp, s // sp // chunk, chunk, *x.shape[2:]), 2, 0)
+    tail = ("act_embed",) if x.ndim == 3 else ()
+    return with_logical_constraint(y, (None, "batch", "seq", None, *tail), plan.mesh)
+
+
+def _seq_unchunk(y: jax.Array, plan: _Plan) -> jax.Array:
+    """Inverse of `_seq_chunks` for [n, b, sp, chunk, d]."""
+    n, b, sp, chunk = y.shape[:4]
+    x = jnp.moveaxis(y, 0, 2).reshape(b, sp * n * chunk, *y.shape[4:])
+    return with_logical_constraint(x, RESIDUAL, plan.mesh)
+
+
+def _attention(x, p, axes, rope, segment_ids, plan: _Plan) -> jax.Array:
+    """Pre-norm attention block's output (to be added to the residual) for x [b, S, d] in ring layout."""
+    m, a, mesh = plan.cfg.model, plan.cfg.attention, plan.mesh
+    h = rms_norm(x, p["attn_norm"], m.norm_eps)
+    q = jnp.einsum("bsd,dhk->bshk", h, _use(p["wq"], axes["wq"], plan))
+    k = jnp.einsum("bsd,dhk->bshk", h, _use(p["wk"], axes["wk"], plan))
+    v = jnp.einsum("bsd,dhk->bshk", h, _use(p["wv"], axes["wv"], plan))
+    q = apply_rope(q, *rope, m.rope_layout)
+    k = apply_rope(k, *rope, m.rope_layout)
+    q_spec = logical_spec(("batch", "seq", "act_heads", None))
+    kv_spec = logical_spec(("batch", "seq", "act_kv_heads", None))
+    attn = partial(
+        ring_attention, axis_name="sp", causal=True, layout=a.layout, q_chunk=a.q_chunk, kv_chunk=a.kv_chunk
+    )
+    o = jax.shard_map(
+        attn,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, logical_spec(TOKENS)),
+        out_specs=q_spec,
+    )(q, k, v, segment_ids)
+    return jnp.einsum("bshk,hkd->bsd", o, _use(p["wo"], axes["wo"], plan))
+
+
+def _feed_forward(x, p, axes, plan: _Plan) -> jax.Array:
+    """Pre-norm SwiGLU block's output, computed chunk by chunk along each device's block."""
+    m = plan.cfg.model
+    w = [_use(p[n], axes[n], plan) for n in ("w_gate", "w_up", "w_down")]
+
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def chunk(xc):  # [b, sp, chunk, d]: only this chunk's [.., mlp] intermediate is ever live
+        return swiglu(rms_norm(xc, p["mlp_norm"], m.norm_eps), *w)
+
+    _, out = lax.scan(lambda c, xc: (c, chunk(xc)), None, _seq_chunks(x, plan.ffn_chunk, plan))
+    return _seq_unchunk(out, plan)
+
+
+def _trunk(params: dict, batch: Batch, plan: _Plan) -> jax.Array:
+    """Residual stream [b, S, d] after all layers (before the final norm), for a batch in ring layout."""
+    m, mesh = plan.cfg.model, plan.mesh
+    axes = {k: v[1:] for k, v in param_axes(m)["layers"].items()}  # per-layer axes (stacking axis dropped)
+    rope = rope_angles(batch.positions, m.head_dim, m.rope_theta)
+    segment_ids = batch.segment_ids.astype(jnp.int32)
+
+    def layer(x, p):
+        x = with_logical_constraint(x + _attention(x, p, axes, rope, segment_ids, plan), RESIDUAL, mesh)
+        return with_logical_constraint(x + _feed_forward(x, p, axes, plan), RESIDUAL, mesh)
+
+    if m.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT[m.remat], prevent_cse=not m.scan_layers)
+    x = _embed(params, batch.tokens, batch.vision_mask, plan)
+    if m.scan_layers:
+        return lax.scan(lambda x, p: (layer(x, p), None), x, params["layers"])[0]
+    for i in range(m.n_layers):
+        x = layer(x, jax.tree.map(lambda w, i=i: w[i], params["layers"]))
+    return x
+
+
+def _head_weights(params: dict, plan: _Plan) -> tuple[jax.Array, jax.Array]:
+    return tuple(_use(params[n], ("embed", "vocab"), plan) for n in ("lm_head", "vision_head"))
+
+
+def _logits(h: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum("...d,dv->...v", h, w, preferred_element_type=F32)
+
+
+def forward(params: dict, batch: Batch, cfg: Config, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """Float32 logits (text [b, S, text_vocab], vision [b, S, vision_vocab]) in natural token order."""
+    plan = _plan(cfg, mesh, batch)
+    h = _trunk(params, _tokens_to_layout(batch, plan), plan)
+    h = rms_norm(h, params["final_norm"], cfg.model.norm_eps)
+    return tuple(_logits_from_layout(_logits(h, w), plan) for w in _head_weights(params, plan))
+
+
+def _cross_entropy(logits: jax.Array, ids: jax.Array) -> jax.Array:
+    """Per-position CE of float32 logits [..., V] (vocabulary may be sharded) against ids [...]."""
+    hit = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == ids[..., None]
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+
+
+def loss_fn(params: dict, batch: Batch, cfg: Config, mesh: Mesh) -> tuple[jax.Array, dict]:
+    """0.5 * (text CE + vision CE), each averaged over its own masked targets; modalities absent from the batch
+    are left out of the average. Computed in sequence chunks. Returns (loss, metrics)."""
+    plan = _plan(cfg, mesh, batch)
+    batch = _tokens_to_layout(batch, plan)
+    h = _trunk(params, batch, plan)
+    w_text, w_vision = _head_weights(params, plan)
+    eps = cfg.model.norm_eps
+
+    @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+    def chunk_sums(h, targets, is_vision, weight):  # [b, sp, chunk, (d)] -> [4]
+        h = rms_norm(h, params["final_norm"], eps)
+        ce_text = _cross_entropy(_logits(h, w_text), jnp.where(is_vision, 0, targets))
+        ce_vision = _cross_entropy(_logits(h, w_vision), jnp.where(is_vision, targets, 0))
+        w_t = jnp.where(is_vision, 0.0, weight)
+        w_v = jnp.where(is_vision, weight, 0.0)
+        return jnp.stack([jnp.sum(ce_text * w_t), jnp.sum(w_t), jnp.sum(ce_vision * w_v), jnp.sum(w_v)])
+
+    xs = (h, batch.targets, batch.target_vision_mask.astype(bool), batch.loss_mask.astype(F32))
+    xs = tuple(_seq_chunks(x, plan.loss_chunk, plan) for x in xs)
+    sums, _ = lax.scan(lambda acc, xc: (acc + chunk_sums(*xc), None), jnp.zeros(4, F32), xs)
+    text_sum, text_n, vision_sum, vision_n = sums
+    text_loss = text_sum / jnp.maximum(text_n, 1.0)
+    vision_loss = vision_sum / jnp.maximum(vision_n, 1.0)
+    present = (text_n > 0).astype(F32) + (vision_n > 0).astype(F32)
+    loss = (text_loss + vision_loss) / jnp.maximum(present, 1.0)  # an absent modality contributes 0
+    metrics = {
+        "loss": loss,
+        "text_loss": text_loss,
+        "vision_loss": vision_loss,
+        "text_tokens": text_n,
+        "vision_tokens": vision_n,
+    }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training step
+
+
+def opt_state_shardings(cfg: Config, mesh: Mesh, optimizer: optax.GradientTransformation):
+    """Shardings of `optimizer`'s state: parameter-shaped leaves like their parameter, the rest replicated."""
+    state = jax.eval_shape(optimizer.init, param_shapes(cfg.model))
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        state,
+        param_shardings(cfg, mesh),
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def init_opt_state(cfg: Config, mesh: Mesh, optimizer: optax.GradientTransformation, params: dict):
+    """Optimizer state created directly on its shardings."""
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(cfg, mesh, optimizer))(params)
+
+
+def make_train_step(cfg: Config, mesh: Mesh, optimizer: optax.GradientTransformation):
+    """Jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`; params and state are donated."""
+    p_sh = param_shardings(cfg, mesh)
+    o_sh = opt_state_shardings(cfg, mesh, optimizer)
+
+    def step(params, opt_state, batch):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, cfg, mesh)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+
+    return jax.jit(
+        step,
+        in_shardings=(p_sh, o_sh, batch_shardings(mesh)),
+        out_shardings=(p_sh, o_sh, replicated(mesh)),
+        donate_argnums=(0, 1),
+    )

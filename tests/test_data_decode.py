@@ -1,0 +1,120 @@
+"""Decoding real h264 mp4s (several sizes and rates, one of three minutes) and broken files, in a worker process."""
+
+import os
+import signal
+import subprocess
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+from gcs_server import gcs_server  # noqa: F401  (fixture)
+
+from lvm.data_pipeline import storage
+from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder, frame_indices
+from lvm.tokenizers import metrics, synthetic
+from lvm.tokenizers.video import resize_crop
+
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+
+GOOD = {  # name: (height, width, frames, fps)
+    "small_8fps.mp4": (64, 96, 16, 8),
+    "wide_24fps.mp4": (90, 160, 48, 24),
+    "square_30fps.mp4": (128, 128, 30, 30),
+}
+LONG = ("long_3min.mp4", (36, 64, 720, 4))  # 180 s at 4 fps
+
+
+def make_broken(folder, good_path):
+    data = open(good_path, "rb").read()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "random.mp4").write_bytes(np.random.default_rng(0).bytes(20000))
+    (folder / "notes.txt").write_text("not a video\n")
+    subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+         "sine=frequency=440:duration=1", "-c:a", "aac", str(folder / "audio_only.mp4")],
+        check=True,
+    )  # fmt: skip
+
+
+UNREADABLE = "cannot open as a video|decode failed at frame 0"  # which one depends on how far ffmpeg gets
+BROKEN = {
+    "truncated.mp4": UNREADABLE,
+    "empty.mp4": "empty file",
+    "random.mp4": UNREADABLE,
+    "notes.txt": UNREADABLE,
+    "audio_only.mp4": "no video stream",
+    "missing.mp4": "not found",
+}
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    for name, (h, w, n, fps) in [*GOOD.items(), LONG]:
+        synthetic.write_video(folder / name, synthetic.moving_pattern(h, w, n, seed=n), fps=fps)
+    make_broken(folder, folder / "small_8fps.mp4")
+    return folder
+
+
+def test_frame_indices():
+    cfg = DecodeConfig()
+    np.testing.assert_array_equal(frame_indices(16, 8.0, cfg), [0, 8])  # 2 s at 1 fps
+    np.testing.assert_array_equal(frame_indices(10, 30.0, cfg), [0])
+    np.testing.assert_array_equal(frame_indices(5, 2.0, DecodeConfig(fps=4)), np.arange(5))  # all frames
+    np.testing.assert_array_equal(frame_indices(100, 30.0, DecodeConfig(num_frames=4)), [12, 37, 62, 87])
+    capped = frame_indices(3600, 1.0, DecodeConfig(max_frames=10))  # an hour at 1 fps, spread over it
+    assert len(capped) == 10 and capped[0] < 360 and capped[-1] > 3240
+    with pytest.raises(ValueError):
+        DecodeConfig(fps=0)
+
+
+def test_sampling_timestamps_and_pixels(videos):
+    with Decoder(DecodeConfig(resolution=32, fps=2)) as dec:
+        for name, (h, w, n, fps) in GOOD.items():
+            frames, stamps = dec.decode(str(videos / name))
+            expected = frame_indices(n, fps, DecodeConfig(fps=2))
+            assert frames.shape == (len(expected), 32, 32, 3) and frames.dtype == np.uint8
+            np.testing.assert_allclose(stamps, expected / fps, atol=1e-3)
+            assert dec.info.frames == n and (dec.info.height, dec.info.width) == (h, w)
+            truth = resize_crop(synthetic.moving_pattern(h, w, n, seed=n)[expected], 32)
+            assert float(np.mean(metrics.psnr(frames, truth))) > 25  # h264 round trip, same resize and crop
+
+
+@pytest.mark.slow
+def test_long_video_streams_in_bounded_chunks_and_a_crash_costs_one_file(videos):
+    name, (h, w, n, fps) = LONG
+    with Decoder(DecodeConfig(resolution=32, fps=1, chunk_frames=16)) as dec:
+        chunks = list(dec.frames(str(videos / name)))
+        assert all(len(c.frames) <= 16 for c in chunks)
+        stamps = np.concatenate([c.timestamps for c in chunks])
+        np.testing.assert_allclose(stamps, np.arange(180), atol=1e-3)  # 1 fps over 3 minutes
+        it = dec.frames(str(videos / name))
+        next(it)
+        os.kill(dec.pid, signal.SIGKILL)  # as if decord crashed on this file
+        with pytest.raises(DecodeError, match="decoder process died"):
+            list(it)
+        frames, _ = dec.decode(str(videos / "small_8fps.mp4"))  # the next file decodes in a fresh worker
+        assert len(frames) == 2
+
+
+def test_broken_files_give_reasons(videos):
+    with Decoder(DecodeConfig(resolution=32)) as dec:
+        for name, reason in BROKEN.items():
+            with pytest.raises(DecodeError, match=reason):
+                dec.decode(str(videos / name))
+        frames, _ = dec.decode(str(videos / "small_8fps.mp4"))
+        assert len(frames) == 2
+
+
+def test_gcs_video_goes_through_bounded_cache(videos, gcs_server, tmp_path):  # noqa: F811
+    uri = "gs://test/videos/wide_24fps.mp4"
+    storage.write_bytes(uri, (videos / "wide_24fps.mp4").read_bytes())
+    cache = storage.FileCache(str(tmp_path / "cache"), max_bytes=1 << 20)
+    with Decoder(DecodeConfig(resolution=32, fps=4), cache=cache) as dec:
+        remote, _ = dec.decode(uri)
+        local, _ = dec.decode(str(videos / "wide_24fps.mp4"))
+        np.testing.assert_array_equal(remote, local)
+        with pytest.raises(DecodeError, match="not found"):
+            dec.decode("gs://test/videos/missing.mp4")
+    assert cache.downloaded == [uri] and cache.cached_bytes() == 0  # the copy is gone after decoding
