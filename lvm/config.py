@@ -14,44 +14,26 @@ batch shape live in `Config.check_devices` and `Config.check_batch_shape`; the m
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lvm import schema
 from lvm.attention.layout import LAYOUTS, check_layout
 from lvm.attention.ring import resolve_chunks
+from lvm.schema import ConfigError
+from lvm.schema import choice as _choice
+from lvm.schema import positive as _positive
+from lvm.schema import require as _require
+
+__all__ = ["ConfigError", "Config", "ModelConfig", "AttentionConfig", "MeshConfig", "load_config"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_LAYOUTS = ("interleaved", "half")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MESH_AXES = ("dp", "fsdp", "tp", "sp")
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message says how to fix it."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _choice(name: str, value: str, choices: Sequence[str]) -> None:
-    _require(value in choices, f"{name}={value!r} is not supported; choose one of {tuple(choices)}")
-
-
-def _positive(section: str, obj: Any, names: Sequence[str]) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None:
-            _require(value > 0, f"{section}.{name}={value} must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,131 +231,22 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _sections(cls=Config) -> dict[str, type]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """`value` (from YAML or the command line) as type `kind`, or a ConfigError naming the key."""
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        return _coerce(key, value, next(a for a in args if a is not type(None)))
-    try:
-        if kind is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if isinstance(value, bool):
-                return value
-        elif kind is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            if isinstance(value, str):
-                return int(value)
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-        elif kind is float:
-            if isinstance(value, int | float | str) and not isinstance(value, bool):
-                return float(value)
-        elif kind is str:
-            if isinstance(value, str):
-                return value
-    except ValueError:
-        pass
-    name = getattr(kind, "__name__", str(kind))
-    raise ConfigError(f"{key}={value!r} is not a valid {name}")
-
-
-def _unknown(key: str, valid: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return ConfigError(f"unknown config key {key!r}; {hint}valid: {', '.join(valid)}")
-
-
-def _build_section(name: str, cls: type, values: Any) -> Any:
-    if isinstance(values, str) and hasattr(cls, "parse"):
-        return cls.parse(values)
-    if values is None:
-        values = {}
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            raise _unknown(f"{name}.{key}", [f"{name}.{f}" for f in fields])
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
-    return cls(**kwargs)
+# Loading (the mechanics live in lvm.schema)
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build and validate a Config from nested sections (missing keys take defaults)."""
-    sections = _sections()
-    for name in data:
-        if name not in sections:
-            raise _unknown(name, list(sections))
-    return Config(**{name: _build_section(name, cls, data.get(name)) for name, cls in sections.items()})
+    return schema.from_dict(Config, data)
 
 
 def resolve_config_path(name: str | Path) -> Path:
     """A YAML path: an existing file, or a name like "model/tiny" under `configs/`."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    candidate = CONFIG_DIR / (str(name) if str(name).endswith(".yaml") else f"{name}.yaml")
-    if candidate.is_file():
-        return candidate
-    available = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
-    raise FileNotFoundError(f"no config file {name!r}; pass a YAML path or one of: {', '.join(available)}")
-
-
-def _merge(base: dict, extra: Mapping) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _apply_override(data: dict, override: str) -> dict:
-    key, sep, text = override.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. model.n_layers=4")
-    value = yaml.safe_load(text) if text.strip() else None
-    sections = _sections()
-    name, _, sub = key.partition(".")
-    if name not in sections:
-        raise _unknown(name, list(sections))
-    if not sub:  # a whole section given as a scalar, e.g. mesh=1,-1,4,2
-        return _merge(data, {name: text.strip()})
-    section = data.get(name)
-    if isinstance(section, str):  # e.g. mesh given as "1,-1,4,2" in a file, then mesh.sp=2
-        section = dataclasses.asdict(_build_section(name, sections[name], section))
-    return _merge(data, {name: _merge(dict(section or {}), {sub: value})})
+    return schema.resolve_path(name, CONFIG_DIR)
 
 
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Load YAML files (later ones win) then apply `section.key=value` overrides; validate the result."""
-    data: dict = {}
-    for name in files:
-        path = resolve_config_path(name)
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: a config file must map section names to mappings")
-        data = _merge(data, loaded)
-    for override in overrides:
-        data = _apply_override(data, override)
-    return config_from_dict(data)
+    return schema.load(Config, files, overrides, CONFIG_DIR)
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -9,21 +9,16 @@ Every bad value fails at load time with a ValueError that names the fix, before 
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
+from lvm import schema
+from lvm.schema import require as _require
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "vqgan"
 QUANTIZERS = ("ema", "l2")  # EMA codebook (decay) or l2-normalised codes learned by gradient
 RECON_LOSSES = ("l1", "l2")
 DTYPES = ("float32", "bfloat16")
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,49 +125,9 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VQGANConfig:
-        sections = {}
-        for f in dataclasses.fields(cls):
-            section_cls = f.type if isinstance(f.type, type) else globals()[f.type]
-            values = dict(d.get(f.name) or {})
-            known = {g.name for g in dataclasses.fields(section_cls)}
-            unknown = set(values) - known
-            _require(
-                not unknown, f"unknown key(s) {sorted(unknown)} in section {f.name!r}; known: {sorted(known)}"
-            )
-            sections[f.name] = section_cls(**values)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        _require(not unknown, f"unknown section(s) {sorted(unknown)}; use 'model' and 'train'")
-        return cls(**sections)
+        return schema.from_dict(cls, d)
 
 
 def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> VQGANConfig:
     """A config from `configs/vqgan/NAME.yaml` or a YAML path, then `section.key=value` overrides."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no VQGAN config {name_or_path!r}: give a YAML path or one of {known}")
-    d = yaml.safe_load(path.read_text()) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        _require(bool(sep and dot), f"override {item!r} must look like section.key=value")
-        d.setdefault(section, {})[name] = _parse_value(section, name, value)
-    return VQGANConfig.from_dict(d)
-
-
-def _parse_value(section: str, name: str, value: str):
-    cls = {"model": ModelConfig, "train": TrainConfig}.get(section)
-    _require(cls is not None, f"unknown section {section!r}; use 'model' or 'train'")
-    hints = typing.get_type_hints(cls)
-    _require(name in hints, f"unknown key {section}.{name}; known: {sorted(hints)}")
-    parsed = yaml.safe_load(value)
-    if hints[name] == tuple[int, ...] and isinstance(parsed, str | int):
-        parsed = [int(v) for v in str(parsed).split(",")]
-    elif hints[name] is float and isinstance(parsed, str | int):
-        try:
-            parsed = float(parsed)  # YAML reads "1e-3" as a string
-        except ValueError:
-            raise ValueError(f"{section}.{name}={value!r} is not a number") from None
-    return parsed
+    return schema.load(VQGANConfig, [name_or_path], overrides, CONFIG_DIR)

@@ -10,6 +10,8 @@ Internal layouts (heads first so tiles are contiguous):
 Queries are visited in chunks of `q_chunk`, keys in chunks of `kv_chunk`; a (query chunk, key chunk) tile that
 the causal mask hides completely is skipped with `lax.cond`, so its FLOPs are never spent. The largest
 temporary is one score tile [batch, kv_heads, group, q_chunk, kv_chunk]; statistics are float32.
+Queries arrive pre-scaled by 1/sqrt(head_dim), so no pass over a tile is spent on scaling. Tiles wholly below
+the causal diagonal take a branch without the causal mask; only diagonal tiles build it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ class Tiling(NamedTuple):
     q_chunk: int
     kv_chunk: int
     causal: bool
-    scale: float
 
 
 class Stats(NamedTuple):
@@ -68,11 +69,23 @@ def _slice(x, start, size, axis):
     return lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
-def _tile_needed(q_idx_c, k_idx_c, causal: bool):
-    """False when the causal mask hides the whole tile (every key after every query)."""
+SKIP, VISIBLE, DIAGONAL = 0, 1, 2
+
+
+def _tile_kind(q_idx_c, k_idx_c):
+    """SKIP when the causal mask hides the whole tile, VISIBLE when it hides nothing, else DIAGONAL."""
+    hidden = jnp.min(k_idx_c) > jnp.max(q_idx_c)
+    visible = jnp.max(k_idx_c) <= jnp.min(q_idx_c)
+    return jnp.where(hidden, SKIP, jnp.where(visible, VISIBLE, DIAGONAL))
+
+
+def _visit_tile(compute, carry, q_idx_c, k_idx_c, causal: bool):
+    """Run `compute(carry, causal_mask)` unless the tile is hidden. Returns (carry, 1 if computed else 0)."""
     if not causal:
-        return jnp.bool_(True)
-    return jnp.min(k_idx_c) <= jnp.max(q_idx_c)
+        return compute(carry, False), 1
+    kind = _tile_kind(q_idx_c, k_idx_c)
+    branches = [lambda c: c, lambda c: compute(c, False), lambda c: compute(c, True)]
+    return lax.switch(kind, branches, carry), (kind != SKIP).astype(jnp.int32)
 
 
 def _tile_mask(q_idx_c, k_idx_c, q_seg_c, k_seg_c, causal: bool):
@@ -86,8 +99,8 @@ def _tile_mask(q_idx_c, k_idx_c, q_seg_c, k_seg_c, causal: bool):
     return mask
 
 
-def _scores(q_c, k_c, mask, scale):
-    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_c, k_c, preferred_element_type=F32) * scale
+def _scores(q_c, k_c, mask):
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", q_c, k_c, preferred_element_type=F32)
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
@@ -98,8 +111,8 @@ def _num_chunks(length: int, chunk: int) -> int:
 
 
 def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Tiling):
-    """Fold key/value block (k, v) into `stats`. Returns (stats, number of tiles computed)."""
-    cq, ck, causal, scale = tiling
+    """Fold key/value block (k, v) into `stats` (q pre-scaled). Returns (stats, number of tiles computed)."""
+    cq, ck, causal = tiling
     nq, nk = _num_chunks(q.shape[3], cq), _num_chunks(k.shape[2], ck)
 
     def q_step(i, carry):
@@ -115,10 +128,10 @@ def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Til
             ks = j * ck
             ki_c = _slice(k_idx, ks, ck, 0)
 
-            def compute(acc):
+            def compute(acc, causal_mask):
                 k_c, v_c = _slice(k, ks, ck, 2), _slice(v, ks, ck, 2)
                 kseg_c = None if k_seg is None else _slice(k_seg, ks, ck, 1)
-                s = _scores(q_c, k_c, _tile_mask(qi_c, ki_c, qseg_c, kseg_c, causal), scale)
+                s = _scores(q_c, k_c, _tile_mask(qi_c, ki_c, qseg_c, kseg_c, causal_mask))
                 m_new = jnp.maximum(acc.m, jnp.max(s, axis=-1))
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 p = jnp.exp(s - m_safe[..., None])
@@ -126,9 +139,8 @@ def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Til
                 pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_c, preferred_element_type=F32)
                 return Stats(alpha[..., None] * acc.o + pv, m_new, alpha * acc.l + jnp.sum(p, axis=-1))
 
-            needed = _tile_needed(qi_c, ki_c, causal)
-            acc = lax.cond(needed, compute, lambda a: a, acc)
-            return acc, n + needed.astype(jnp.int32)
+            acc, computed = _visit_tile(compute, acc, qi_c, ki_c, causal)
+            return acc, n + computed
 
         local, count = lax.fori_loop(0, nk, k_step, (local, count))
         st = Stats(
@@ -143,11 +155,12 @@ def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Til
 
 
 def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tiling: Tiling):
-    """Gradients of the local queries' attention to block (k, v).
+    """Gradients of the local queries' attention to block (k, v), with q pre-scaled.
 
-    Adds into `dq` (f32) and returns (dq, dk_block, dv_block), the block's key/value gradients in float32.
+    Adds dScores @ k into `dq` (f32; the caller applies the scale once) and returns (dq, dk_block, dv_block),
+    the block's key/value gradients in float32.
     """
-    cq, ck, causal, scale = tiling
+    cq, ck, causal = tiling
     nq, nk = _num_chunks(q.shape[3], cq), _num_chunks(k.shape[2], ck)
     dk0 = varying_like(jnp.zeros(k.shape, F32), q, k, do, q_idx, k_idx)
     dv0 = varying_like(jnp.zeros(v.shape, F32), q, k, do, q_idx, k_idx)
@@ -164,22 +177,22 @@ def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tili
             ks = j * ck
             ki_c = _slice(k_idx, ks, ck, 0)
 
-            def compute(inner):
+            def compute(inner, causal_mask):
                 dq_c, dk, dv = inner
                 k_c, v_c = _slice(k, ks, ck, 2), _slice(v, ks, ck, 2)
                 kseg_c = None if k_seg is None else _slice(k_seg, ks, ck, 1)
-                s = _scores(q_c, k_c, _tile_mask(qi_c, ki_c, qseg_c, kseg_c, causal), scale)
+                s = _scores(q_c, k_c, _tile_mask(qi_c, ki_c, qseg_c, kseg_c, causal_mask))
                 p = jnp.exp(s - lse_c[..., None])
                 dv_t = jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do.dtype), do_c, preferred_element_type=F32)
                 dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_c, v_c, preferred_element_type=F32)
                 ds = (p * (dp - delta_c[..., None])).astype(q.dtype)
-                dq_c = dq_c + jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_c, preferred_element_type=F32) * scale
-                dk_t = jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_c, preferred_element_type=F32) * scale
+                dq_c = dq_c + jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_c, preferred_element_type=F32)
+                dk_t = jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_c, preferred_element_type=F32)
                 dk = lax.dynamic_update_slice_in_dim(dk, _slice(dk, ks, ck, 2) + dk_t, ks, 2)
                 dv = lax.dynamic_update_slice_in_dim(dv, _slice(dv, ks, ck, 2) + dv_t, ks, 2)
                 return dq_c, dk, dv
 
-            return lax.cond(_tile_needed(qi_c, ki_c, causal), compute, lambda x: x, inner)
+            return _visit_tile(compute, inner, qi_c, ki_c, causal)[0]
 
         dq_c, dk, dv = lax.fori_loop(0, nk, k_step, (_slice(dq, qs, cq, 3), dk, dv))
         return lax.dynamic_update_slice_in_dim(dq, dq_c, qs, 3), dk, dv

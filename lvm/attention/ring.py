@@ -84,56 +84,80 @@ def _shift(tree, axis_name, n):
     return lax.ppermute(tree, axis_name, [(i, (i + 1) % n) for i in range(n)])
 
 
+def _local_query_index(cfg: RingConfig, q, n, c):
+    """Global indices of this device's queries, pinned to q so XLA cannot hoist the masks out of a layer scan."""
+    q_idx = local_token_index(lax.axis_index(cfg.axis_name), n, c, cfg.layout)
+    return lax.optimization_barrier((q_idx, q))
+
+
+def _key_index(cfg: RingConfig, step, n, c):
+    """Global indices of the key/value block held at ring `step` (it came from device r - step)."""
+    return local_token_index((lax.axis_index(cfg.axis_name) - step) % n, n, c, cfg.layout)
+
+
 def _ring_forward(q, k, v, seg, cfg: RingConfig):
-    """Forward over the ring. Returns (out, lse, tiles computed per ring step [N])."""
-    n = lax.axis_size(cfg.axis_name)
-    r = lax.axis_index(cfg.axis_name)
-    c = q.shape[3]
-    q_idx = local_token_index(r, n, c, cfg.layout)
-    stats = blockwise.init_stats(q, k, q_idx)
-    counts = []
-    kv = (k, v, seg)
-    for step in range(n):
-        nxt = _shift(kv, cfg.axis_name, n) if step + 1 < n else None  # issued before this step's compute
-        k_idx = local_token_index((r - step) % n, n, c, cfg.layout)
+    """Forward over the ring (q pre-scaled). Returns (out, lse, tiles computed per ring step [N])."""
+    n, c = lax.axis_size(cfg.axis_name), q.shape[3]
+    q_idx, q = _local_query_index(cfg, q, n, c)
+
+    def visit(step, kv, stats, counts):
+        k_idx = _key_index(cfg, step, n, c)
         stats, count = blockwise.block_forward(q, kv[0], kv[1], q_idx, k_idx, seg, kv[2], stats, cfg.tiling)
-        counts.append(count)
-        kv = nxt
+        return stats, counts.at[step].set(count)
+
+    def ring_step(step, carry):
+        stats, kv, counts = carry
+        nxt = _shift(kv, cfg.axis_name, n)  # issued before this step's compute so the two can overlap
+        stats, counts = visit(step, kv, stats, counts)
+        return stats, nxt, counts
+
+    counts = blockwise.varying_like(jnp.zeros((n,), jnp.int32), q, k, q_idx)
+    carry = (blockwise.init_stats(q, k, q_idx), (k, v, seg), counts)
+    stats, kv, counts = lax.fori_loop(0, n - 1, ring_step, carry)
+    stats, counts = visit(n - 1, kv, stats, counts)  # the last block needs no onward transfer
     out, lse = blockwise.finalize(stats, q.dtype)
-    return out, lse, jnp.stack(counts)
+    return out, lse, counts
+
+
+def _scale(q):
+    return q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _ring_core(q, k, v, seg, cfg: RingConfig):
-    return _ring_forward(q, k, v, seg, cfg)[0]
+    return _ring_forward(_scale(q), k, v, seg, cfg)[0]
 
 
 def _ring_core_fwd(q, k, v, seg, cfg):
-    out, lse, _ = _ring_forward(q, k, v, seg, cfg)
+    out, lse, _ = _ring_forward(_scale(q), k, v, seg, cfg)
     return out, (q, k, v, seg, out, lse)
 
 
 def _ring_core_bwd(cfg, res, do):
     q, k, v, seg, out, lse = res
-    n = lax.axis_size(cfg.axis_name)
-    r = lax.axis_index(cfg.axis_name)
-    c = q.shape[3]
-    q_idx = local_token_index(r, n, c, cfg.layout)
+    n, c = lax.axis_size(cfg.axis_name), q.shape[3]
+    q_idx, qs = _local_query_index(cfg, _scale(q), n, c)
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    dq = blockwise.varying_like(jnp.zeros(q.shape, jnp.float32), q, k, do, q_idx)
-    kv = (k, v, seg)
-    grads_in = None  # key/value gradients of the block in hand, accumulated by the devices it visited
-    for step in range(n):
-        nxt = _shift(kv, cfg.axis_name, n) if step + 1 < n else None
-        k_idx = local_token_index((r - step) % n, n, c, cfg.layout)
+
+    def visit(step, kv, dq, grads_in):
+        """Add this device's share to the block's key/value gradients and pass them on."""
+        k_idx = _key_index(cfg, step, n, c)
         dq, dk, dv = blockwise.block_backward(
-            q, kv[0], kv[1], do, lse, delta, q_idx, k_idx, seg, kv[2], dq, cfg.tiling
+            qs, kv[0], kv[1], do, lse, delta, q_idx, k_idx, seg, kv[2], dq, cfg.tiling
         )
-        if grads_in is not None:
-            dk, dv = dk + grads_in[0], dv + grads_in[1]
-        grads_in = _shift((dk, dv), cfg.axis_name, n)  # after n hops each block's gradient is home
-        kv = nxt
-    dk, dv = grads_in
+        return dq, _shift((dk + grads_in[0], dv + grads_in[1]), cfg.axis_name, n)
+
+    def ring_step(step, carry):
+        dq, kv, grads_in = carry
+        nxt = _shift(kv, cfg.axis_name, n)
+        dq, grads_in = visit(step, kv, dq, grads_in)
+        return dq, nxt, grads_in
+
+    zeros = lambda x: blockwise.varying_like(jnp.zeros(x.shape, jnp.float32), q, k, do, q_idx)
+    carry = (zeros(q), (k, v, seg), (zeros(k), zeros(v)))
+    dq, kv, grads_in = lax.fori_loop(0, n - 1, ring_step, carry)
+    dq, (dk, dv) = visit(n - 1, kv, dq, grads_in)  # after n hops each block's gradient is home
+    dq = dq * q.shape[-1] ** -0.5
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
@@ -144,7 +168,7 @@ def _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk) -> RingConfig:
     check_heads(q.shape[2], k.shape[2])
     n = lax.axis_size(axis_name)
     cq, ck = resolve_chunks(q.shape[1], n, layout, q_chunk, kv_chunk)
-    return RingConfig(axis_name, layout, blockwise.Tiling(cq, ck, causal, q.shape[-1] ** -0.5))
+    return RingConfig(axis_name, layout, blockwise.Tiling(cq, ck, causal))
 
 
 def ring_attention(
@@ -163,7 +187,8 @@ def ring_attention(
 def ring_block_counts(q, k, v, segment_ids=None, **kwargs):
     """Inside `shard_map`: score tiles computed by this device at each ring step, int32 [N]."""
     cfg = _config(q, k, kwargs.pop("axis_name", "sp"), **kwargs)
-    return _ring_forward(*_to_internal(q, k, v), segment_ids, cfg)[2]
+    qi, ki, vi = _to_internal(q, k, v)
+    return _ring_forward(_scale(qi), ki, vi, segment_ids, cfg)[2]
 
 
 def _specs(mesh: Mesh, axis_name: str, batch: int, heads: int, kv_heads: int):
