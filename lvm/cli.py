@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_command(name: str, argv: list[str]):
+    """Run one subcommand from Python, importing only its module (tests and scripts use this)."""
+    module = importlib.import_module(COMMANDS[name])
+    parser = argparse.ArgumentParser(prog=f"lvm {name}")
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

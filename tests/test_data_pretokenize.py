@@ -1,8 +1,6 @@
 """`lvm pretokenize` end to end: real mp4s and broken files, a tiny VQGAN and a SentencePiece model; errors.jsonl,
 skipping finished shards, gs:// in and out split over two processes, and the TFDS / ArrayRecord view."""
 
-import argparse
-import importlib
 import json
 import os
 import subprocess
@@ -26,13 +24,6 @@ from lvm.tokenizers.vqgan import init_variables
 
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 DATA = os.path.join(os.path.dirname(__file__), "data")
-
-
-def run_command(name, argv):
-    module = importlib.import_module(cli.COMMANDS[name])
-    parser = argparse.ArgumentParser(prog=f"lvm {name}")
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +84,7 @@ def argv(assets, output, *extra):
 def test_pretokenize_records_errors_and_resume(assets, tmp_path, capsys):
     root, _, tok = assets
     out = tmp_path / "corpus"
-    assert run_command("pretokenize", argv(assets, out)) == 0
+    assert cli.run_command("pretokenize", argv(assets, out)) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["shards"] == 3 and summary["shards_made"] == 3 and summary["frames"] == 2 + 2 + 1
 
@@ -117,10 +108,10 @@ def test_pretokenize_records_errors_and_resume(assets, tmp_path, capsys):
 
     # Rerun: everything finished is skipped. Lose one shard's index (a crash before it was written): only
     # that shard is made again, and errors.jsonl still lists every failure once.
-    assert run_command("pretokenize", argv(assets, out)) == 0
+    assert cli.run_command("pretokenize", argv(assets, out)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards_made"] == 0
     (out / "shard-00001-of-00003.json").unlink()
-    assert run_command("pretokenize", argv(assets, out)) == 0
+    assert cli.run_command("pretokenize", argv(assets, out)) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards_made"] == 1
     again = [json.loads(x)["line"] for x in (out / "errors.jsonl").read_text().splitlines()]
     assert sorted(again) == sorted(errors)

@@ -1,7 +1,5 @@
 """SentencePiece wrapper: trained on a real corpus (KJV Genesis), sequence-safe joining, no mid-sequence BOS/EOS."""
 
-import argparse
-import importlib
 import pathlib
 
 import numpy as np
@@ -15,14 +13,6 @@ from lvm.tokenizers import text
 
 CORPUS = pathlib.Path(__file__).parent / "data" / "kjv_genesis.txt"
 LINES = CORPUS.read_text().splitlines()
-
-
-def run_command(name, argv):
-    """Run one `lvm` subcommand through its registered module (without importing every other command)."""
-    module = importlib.import_module(cli.COMMANDS[name])
-    parser = argparse.ArgumentParser(prog=f"lvm {name}")
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +91,7 @@ def test_loads_a_unigram_model_and_cli(tmp_path, capsys):
         "--model-type",
         "unigram",
     ]
-    assert run_command("train-text-tokenizer", argv) == 0
+    assert cli.run_command("train-text-tokenizer", argv) == 0
     assert '"vocab_size": 800' in capsys.readouterr().out
     tok = text.SentencePieceTokenizer(tmp_path / "uni.model")
     assert (

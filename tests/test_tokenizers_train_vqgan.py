@@ -5,8 +5,6 @@ cores: 300 steps of 8 frames from 24 moving-pattern h264 videos at four resoluti
 resized and centre-cropped), evaluated on 4 videos it never saw.
 """
 
-import argparse
-import importlib
 import json
 
 import numpy as np
@@ -32,14 +30,6 @@ MIN_CODEBOOK_USAGE = 0.5  # share of the 256 codes used on those frames
 
 # imageio-ffmpeg starts ffmpeg with fork+exec after jax is imported; the exec makes JAX's warning moot.
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
-
-
-def run_command(name, argv):
-    """Run one `lvm` subcommand through its registered module (without importing every other command)."""
-    module = importlib.import_module(cli.COMMANDS[name])
-    parser = argparse.ArgumentParser(prog=f"lvm {name}")
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +79,10 @@ def test_metrics():
 def test_train_eval_resume_with_gan(videos, tmp_path):
     workdir = tmp_path / "run"
     base = ["--config", "tiny", "--videos", str(videos / "train"), "--workdir", str(workdir), "--no-progress"]
-    assert run_command("train-vqgan", [*base, "--steps", str(STEPS), "--set", *OVERRIDES]) == 0
+    assert cli.run_command("train-vqgan", [*base, "--steps", str(STEPS), "--set", *OVERRIDES]) == 0
     out = tmp_path / "eval.json"
     argv = ["--checkpoint", str(workdir), "--videos", str(videos / "heldout"), "--out", str(out)]
-    assert run_command("eval-vqgan", argv) == 0
+    assert cli.run_command("eval-vqgan", argv) == 0
     result = json.loads(out.read_text())
     print("held-out:", result)
     assert {"psnr", "ssim", "codebook_usage", "perplexity"} <= set(result)
@@ -107,17 +97,17 @@ def test_train_eval_resume_with_gan(videos, tmp_path):
 
     # Resume at step 300 with the hinge GAN switched on from there: runs only the missing steps.
     gan = ["train.gan_weight=0.1", f"train.gan_start={STEPS}", "train.log_every=1"]
-    assert run_command("train-vqgan", [*base, "--steps", str(STEPS + 2), "--set", *OVERRIDES, *gan]) == 0
+    assert cli.run_command("train-vqgan", [*base, "--steps", str(STEPS + 2), "--set", *OVERRIDES, *gan]) == 0
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == STEPS + 2
 
 
 def test_bad_workdir_and_videos(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.yaml"):
-        run_command(
+        cli.run_command(
             "eval-vqgan", ["--checkpoint", str(tmp_path), "--videos", str(tmp_path), "--out", "x.json"]
         )
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no videos"):
-        run_command("train-vqgan", ["--config", "tiny", "--videos", str(tmp_path / "empty"), "--steps", "1",
+        cli.run_command("train-vqgan", ["--config", "tiny", "--videos", str(tmp_path / "empty"), "--steps", "1",
                                     "--workdir", str(tmp_path / "w")])  # fmt: skip
