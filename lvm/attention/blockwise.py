@@ -174,25 +174,31 @@ def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tili
         qseg_c = None if q_seg is None else _slice(q_seg, qs, cq, 1)
 
         def k_step(j, inner):
+            dq_c, dk, dv = inner
             ks = j * ck
             ki_c = _slice(k_idx, ks, ck, 0)
+            k_c, v_c = _slice(k, ks, ck, 2), _slice(v, ks, ck, 2)
 
-            def compute(inner, causal_mask):
-                dq_c, dk, dv = inner
-                k_c, v_c = _slice(k, ks, ck, 2), _slice(v, ks, ck, 2)
+            def compute(_, causal_mask):
+                """Tile gradients (dq, dk, dv); only tile-sized values pass through the branch."""
                 kseg_c = None if k_seg is None else _slice(k_seg, ks, ck, 1)
                 s = _scores(q_c, k_c, _tile_mask(qi_c, ki_c, qseg_c, kseg_c, causal_mask))
                 p = jnp.exp(s - lse_c[..., None])
                 dv_t = jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do.dtype), do_c, preferred_element_type=F32)
                 dp = jnp.einsum("bhgqd,bhkd->bhgqk", do_c, v_c, preferred_element_type=F32)
                 ds = (p * (dp - delta_c[..., None])).astype(q.dtype)
-                dq_c = dq_c + jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_c, preferred_element_type=F32)
+                dq_t = jnp.einsum("bhgqk,bhkd->bhgqd", ds, k_c, preferred_element_type=F32)
                 dk_t = jnp.einsum("bhgqk,bhgqd->bhkd", ds, q_c, preferred_element_type=F32)
-                dk = lax.dynamic_update_slice_in_dim(dk, _slice(dk, ks, ck, 2) + dk_t, ks, 2)
-                dv = lax.dynamic_update_slice_in_dim(dv, _slice(dv, ks, ck, 2) + dv_t, ks, 2)
-                return dq_c, dk, dv
+                return dq_t, dk_t, dv_t
 
-            return _visit_tile(compute, inner, qi_c, ki_c, causal)[0]
+            zeros = tuple(
+                varying_like(jnp.zeros(shape, F32), q, k, do, q_idx, k_idx)
+                for shape in (q_c.shape, k_c.shape, v_c.shape)
+            )
+            (dq_t, dk_t, dv_t), _ = _visit_tile(compute, zeros, qi_c, ki_c, causal)
+            dk = lax.dynamic_update_slice_in_dim(dk, _slice(dk, ks, ck, 2) + dk_t, ks, 2)
+            dv = lax.dynamic_update_slice_in_dim(dv, _slice(dv, ks, ck, 2) + dv_t, ks, 2)
+            return dq_c + dq_t, dk, dv
 
         dq_c, dk, dv = lax.fori_loop(0, nk, k_step, (_slice(dq, qs, cq, 3), dk, dv))
         return lax.dynamic_update_slice_in_dim(dq, dq_c, qs, 3), dk, dv

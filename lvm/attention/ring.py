@@ -122,7 +122,9 @@ def _ring_forward(q, k, v, seg, cfg: RingConfig):
 def _backward_tiling(tiling: blockwise.Tiling) -> blockwise.Tiling:
     """The backward keeps about twice as many score tiles alive as the forward; halving its query chunk keeps
     the peak of the two passes alike."""
-    return tiling._replace(q_chunk=tiling.q_chunk // 2) if tiling.q_chunk % 2 == 0 else tiling
+    if tiling.q_chunk % 2 or tiling.kv_chunk % 2:
+        return tiling
+    return tiling._replace(q_chunk=tiling.q_chunk // 2, kv_chunk=tiling.kv_chunk // 2)
 
 
 def _scale(q):
