@@ -75,10 +75,6 @@ def _from_internal_q(x):
     return x.transpose(0, 3, 1, 2, 4).reshape(b, c, hk * g, d)
 
 
-def _from_internal_kv(x):
-    return x.transpose(0, 2, 1, 3)
-
-
 def _shift(tree, axis_name, n):
     """Send to the next device on the ring."""
     return lax.ppermute(tree, axis_name, [(i, (i + 1) % n) for i in range(n)])
@@ -120,8 +116,8 @@ def _ring_forward(q, k, v, seg, cfg: RingConfig):
 
 
 def _backward_tiling(tiling: blockwise.Tiling) -> blockwise.Tiling:
-    """The backward keeps about twice as many score tiles alive as the forward; halving its query chunk keeps
-    the peak of the two passes alike."""
+    """The backward keeps about twice as many score tiles alive as the forward; tiles of half the chunk in each
+    direction keep its peak memory below the forward's (and stay aligned with the causal diagonal)."""
     if tiling.q_chunk % 2 or tiling.kv_chunk % 2:
         return tiling
     return tiling._replace(q_chunk=tiling.q_chunk // 2, kv_chunk=tiling.kv_chunk // 2)
@@ -192,9 +188,11 @@ def ring_attention(
     return _from_internal_q(_ring_core(qi, ki, vi, segment_ids, cfg))
 
 
-def ring_block_counts(q, k, v, segment_ids=None, **kwargs):
-    """Inside `shard_map`: score tiles computed by this device at each ring step, int32 [N]."""
-    cfg = _config(q, k, kwargs.pop("axis_name", "sp"), **kwargs)
+def ring_block_counts(
+    q, k, v, segment_ids=None, *, axis_name="sp", causal=True, layout="zigzag", q_chunk=None, kv_chunk=None
+):
+    """Inside `shard_map`: score tiles the forward kernel computes on this device at each ring step, int32 [N]."""
+    cfg = _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk)
     qi, ki, vi = _to_internal(q, k, v)
     return _ring_forward(_scale(qi), ki, vi, segment_ids, cfg)[2]
 
