@@ -52,15 +52,18 @@ def test_single_image_is_one_frame_closed_by_eov():
     assert doc.segments[0].codes.shape == (1, 2, 2)
 
 
+def _render(rec):
+    """The text between BOS and EOS of a CharCodec record, one '#' per vision token."""
+    pairs = zip(rec.tokens[1:-1], rec.vision_mask[1:-1], strict=True)
+    return "".join("#" if v else chr(t - 3) for t, v in pairs)
+
+
 def test_lwm_chat_template_and_masks():
     video = fmt.Video(np.zeros((2, 4), np.int32))
     doc = fmt.lwm_chat("What happens?", video, answer="A dog runs.")
     rec = fmt.build(doc, CODEC, VOCAB)
-    text = "".join(
-        chr(t - 3) if not v else "#" for t, v in zip(rec.tokens[1:-1], rec.vision_mask[1:-1], strict=True)
-    )
     assert (
-        text
+        _render(rec)
         == "You are a helpful assistant. USER: What happens?\n<vision>##########</vision> ASSISTANT: A dog runs."
     )
     assert rec.tokens[0] == CODEC.bos_id and rec.tokens[-1] == CODEC.eos_id
@@ -79,6 +82,14 @@ def test_video_first_questions_share_the_cached_prefix():
         np.testing.assert_array_equal(rec.tokens[: len(prefix)], prefix.tokens)
         np.testing.assert_array_equal(rec.vision_mask[: len(prefix)], prefix.vision_mask)
         assert fmt.parse(rec, CODEC, VOCAB).segments[-2].text.startswith(f"\n{question} ASSISTANT:")
+        assert (
+            _render(rec)
+            == f"You are a helpful assistant. USER: <vision>{'#' * 10}</vision>\n{question} ASSISTANT: x"
+        )
+        assert rec.tokens[-1] == CODEC.eos_id and rec.loss_mask.tolist() == [0.0] * (len(rec) - 3) + [1.0] * 3
+        prompt = fmt.build(fmt.video_first_chat(question, video), CODEC, VOCAB)
+        assert prompt.tokens.tolist() == rec.tokens[: len(prompt)].tolist() and prompt.loss_mask.sum() == 0
+        assert prompt.tokens[-1] != CODEC.eos_id
 
 
 @pytest.mark.parametrize(

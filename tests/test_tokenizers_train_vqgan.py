@@ -57,6 +57,19 @@ def test_video_reading_and_manifest(videos, tmp_path):
         video.list_videos(tmp_path / "missing")
 
 
+def test_sample_frames_fills_exact_batches(videos):
+    paths = video.list_videos(videos / "train")[:3]
+    batches = video.sample_frames(paths, batch_size=5, frames_per_video=2, resolution=16, seed=0)
+    for _ in range(3):
+        batch = next(batches)
+        assert batch.shape == (5, 16, 16, 3) and batch.dtype == np.uint8
+    again = next(video.sample_frames(paths, batch_size=5, frames_per_video=2, resolution=16, seed=0))
+    first = next(video.sample_frames(paths, batch_size=5, frames_per_video=2, resolution=16, seed=0))
+    np.testing.assert_array_equal(again, first)  # seeded
+    frames = video.evenly_spaced_frames(paths[0], 40, 16)  # more than the video has: all 16 frames
+    assert frames.shape == (16, 16, 16, 3)
+
+
 def test_metrics():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)

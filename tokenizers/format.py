@@ -289,8 +289,7 @@ def lwm_chat(
 
     With `answer=None` the document ends after `ASSISTANT:` (a generation prompt, no EOS).
     """
-    prompt = [Text(f"{system} USER: {question}\n"), Video(video.codes, 0.0), Text(" ASSISTANT:")]
-    return _with_answer(prompt, answer, answer_loss)
+    return _chat(f"{system} USER: {question}\n", video, " ASSISTANT:", answer, answer_loss)
 
 
 def video_first_chat(
@@ -305,16 +304,17 @@ def video_first_chat(
 
     The tokens of `video_first_prefix(video)` are exactly the first tokens of this document for any question.
     """
-    prompt = [*video_first_prefix(video, system).segments, Text(f"\n{question} ASSISTANT:")]
-    return _with_answer(prompt, answer, answer_loss)
+    return _chat(f"{system} USER: ", video, f"\n{question} ASSISTANT:", answer, answer_loss)
 
 
 def video_first_prefix(video: Video, system: str = SYSTEM_PROMPT) -> Document:
     """The question-independent prefix of `video_first_chat` (build it once, cache its keys and values)."""
-    return Document((Text(f"{system} USER: "), Video(video.codes, 0.0)), bos=True, eos=False)
+    return _chat(f"{system} USER: ", video, "", None, 0.0)
 
 
-def _with_answer(prompt: list[Segment], answer: str | None, answer_loss: float) -> Document:
+def _chat(before: str, video: Video, after: str, answer: str | None, answer_loss: float) -> Document:
+    """`<s>{before}<vision>...</vision>{after}`, the video an untrained prompt, then ` {answer}</s>` if given."""
+    prompt = (Text(before), Video(video.codes, 0.0), *([Text(after)] if after else []))
     if answer is None:
-        return Document(tuple(prompt), bos=True, eos=False)
+        return Document(prompt, bos=True, eos=False)
     return Document((*prompt, Text(f" {answer}", answer_loss)), bos=True, eos=True)

@@ -203,9 +203,10 @@ def _manager(workdir: str | os.PathLike, create: bool = True) -> ocp.CheckpointM
     return ocp.CheckpointManager(path, options=options, item_names=("model", "train"))
 
 
-def _split(state: dict) -> tuple[dict, dict]:
+def _items(state: dict, arg) -> ocp.args.Composite:
+    """The checkpoint items of a state: `model` (params + codebook) and `train` (the rest), each wrapped in `arg`."""
     model = {"params": state["params"], "codebook": state["codebook"]}
-    return model, {k: v for k, v in state.items() if k not in model}
+    return ocp.args.Composite(model=arg(model), train=arg({k: v for k, v in state.items() if k not in model}))
 
 
 def save_config(cfg: VQGANConfig, workdir: str | os.PathLike) -> None:
@@ -270,13 +271,7 @@ def train(
     mngr = _manager(workdir)
     start = mngr.latest_step() or 0
     if start:
-        model, rest = _split(state)
-        restored = mngr.restore(
-            start,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(model), train=ocp.args.StandardRestore(rest)
-            ),
-        )
+        restored = mngr.restore(start, args=_items(state, ocp.args.StandardRestore))
         state = jax.device_put({**restored["model"], **restored["train"]}, trainer.replicated)
     frames_iter = video.sample_frames(
         paths, trainer.batch_size, tc.frames_per_video, cfg.model.resolution, seed=tc.seed + start
@@ -305,13 +300,7 @@ def train(
             Image.fromarray(grid).save(workdir / "images" / f"step_{done:07d}.png")
             writer.add_image("originals_vs_reconstructions", grid, done, dataformats="HWC")
         if done % tc.checkpoint_every == 0 or done == steps:
-            model, rest = _split(state)
-            mngr.save(
-                done,
-                args=ocp.args.Composite(
-                    model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(rest)
-                ),
-            )
+            mngr.save(done, args=_items(state, ocp.args.StandardSave))
     mngr.wait_until_finished()
     mngr.close()
     writer.close()

@@ -66,14 +66,15 @@ def sample_frames(
     rng = np.random.default_rng(seed)
     lengths: dict[str, int] = {}
     while True:
-        batch = []
-        while sum(len(b) for b in batch) < batch_size:
+        batch, have = [], 0
+        while have < batch_size:
             path = paths[rng.integers(len(paths))]
             if path not in lengths:
                 lengths[path] = num_frames(path)
-            k = min(frames_per_video, lengths[path], batch_size - sum(len(b) for b in batch))
+            k = min(frames_per_video, lengths[path], batch_size - have)
             idx = np.sort(rng.choice(lengths[path], size=k, replace=False))
             batch.append(read_frames(path, idx, resolution))
+            have += k
         yield np.concatenate(batch)
 
 
