@@ -79,19 +79,20 @@ def frame_indices(n_frames: int, native_fps: float, cfg: DecodeConfig) -> np.nda
     """Sorted, distinct frame numbers to decode from a video of `n_frames` at `native_fps`."""
     if n_frames <= 0:
         return np.zeros(0, np.int64)
+    cap = cfg.max_frames
     if cfg.num_frames is not None:
         k = min(cfg.num_frames, n_frames)
+    elif cfg.fps >= native_fps:  # every frame
+        if cap is None or n_frames <= cap:
+            return np.arange(n_frames, dtype=np.int64)
+        k = n_frames
     else:
-        duration = n_frames / native_fps
-        k = n_frames if cfg.fps >= native_fps else int(np.ceil(duration * cfg.fps - 1e-9))
-        k = max(1, min(k, n_frames))
-        if cfg.max_frames is None or k <= cfg.max_frames:
-            if cfg.fps >= native_fps:
-                return np.arange(n_frames, dtype=np.int64)
+        k = max(1, min(int(np.ceil(n_frames / native_fps * cfg.fps - 1e-9)), n_frames))
+        if cap is None or k <= cap:
             idx = np.floor(np.arange(k) * native_fps / cfg.fps + 1e-6).astype(np.int64)
             return np.unique(np.minimum(idx, n_frames - 1))
-    if cfg.max_frames is not None:
-        k = min(k, cfg.max_frames)
+    if cap is not None:
+        k = min(k, cap)
     return np.unique(np.floor((np.arange(k) + 0.5) * n_frames / k).astype(np.int64))
 
 

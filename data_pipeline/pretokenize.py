@@ -210,15 +210,14 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
                         frames_total += len(codes)
                     record = fmt.build(document(example, codes, cfg.template, cfg.video_loss), codec, vocab)
                 except (DecodeError, ValueError, KeyError, TypeError) as err:
+                    reason = str(err) if isinstance(err, DecodeError) else f"{type(err).__name__}: {err}"
                     failures.append(
                         {
                             "shard": k,
                             "line": line_no,
                             "id": str(example.get("id", line_no)),
                             "video": example.get("video"),
-                            "error": f"{type(err).__name__}: {err}"
-                            if not isinstance(err, DecodeError)
-                            else str(err),
+                            "error": reason,
                         }
                     )
                     continue

@@ -24,6 +24,12 @@ GOOD = {  # name: (height, width, frames, fps)
 LONG = ("long_3min.mp4", (36, 64, 720, 4))  # 180 s at 4 fps
 
 
+def write_good(folder, items=None):
+    """The synthetic mp4s `items` (name: (height, width, frames, fps)) in `folder`."""
+    for name, (h, w, n, fps) in items or GOOD.items():
+        synthetic.write_video(folder / name, synthetic.moving_pattern(h, w, n, seed=n), fps=fps)
+
+
 def make_broken(folder, good_path):
     data = open(good_path, "rb").read()
     (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
@@ -51,8 +57,7 @@ BROKEN = {
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     folder = tmp_path_factory.mktemp("videos")
-    for name, (h, w, n, fps) in [*GOOD.items(), LONG]:
-        synthetic.write_video(folder / name, synthetic.moving_pattern(h, w, n, seed=n), fps=fps)
+    write_good(folder, [*GOOD.items(), LONG])
     make_broken(folder, folder / "small_8fps.mp4")
     return folder
 
@@ -65,6 +70,12 @@ def test_frame_indices():
     np.testing.assert_array_equal(frame_indices(100, 30.0, DecodeConfig(num_frames=4)), [12, 37, 62, 87])
     capped = frame_indices(3600, 1.0, DecodeConfig(max_frames=10))  # an hour at 1 fps, spread over it
     assert len(capped) == 10 and capped[0] < 360 and capped[-1] > 3240
+    np.testing.assert_array_equal(
+        frame_indices(5, 2.0, DecodeConfig(fps=4, max_frames=2)), [1, 3]
+    )  # all, capped
+    np.testing.assert_array_equal(
+        frame_indices(100, 30.0, DecodeConfig(num_frames=8, max_frames=4)), [12, 37, 62, 87]
+    )
     with pytest.raises(ValueError):
         DecodeConfig(fps=0)
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from gcs_server import gcs_server  # noqa: F401  (fixture)
-from test_data_decode import GOOD, make_broken
+from test_data_decode import make_broken, write_good
 
 from lvm import cli
 from lvm.data_pipeline import storage
@@ -18,7 +18,7 @@ from lvm.data_pipeline.pretokenize import PretokenizeConfig
 from lvm.data_pipeline.pretokenize import run as pretokenize
 from lvm.data_pipeline.shards import Corpus, ShardData
 from lvm.tokenizers import format as fmt
-from lvm.tokenizers import synthetic, text, train_vqgan
+from lvm.tokenizers import text, train_vqgan
 from lvm.tokenizers.config import load_config
 from lvm.tokenizers.vqgan import init_variables
 
@@ -32,8 +32,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretok")
     videos = root / "videos"
     videos.mkdir()
-    for name, (h, w, n, fps) in GOOD.items():
-        synthetic.write_video(videos / name, synthetic.moving_pattern(h, w, n, seed=n), fps=fps)
+    write_good(videos)
     make_broken(videos, videos / "small_8fps.mp4")
     cfg = load_config("tiny", ["model.resolution=32", "model.channel_mult=1,2,2"])
     train_vqgan.save_config(cfg, root / "vqgan")
@@ -105,6 +104,8 @@ def test_pretokenize_records_errors_and_resume(assets, tmp_path, capsys):
     assert doc == fmt.Document((fmt.Video(codes), fmt.Text("Discs move over stripes.", 1.0)), True, True)
     qa = fmt.parse(ShardData.load(corpus.shards[0].uri).record(2), tok, vocab, frame_shape=(8, 8))
     assert [s.text for s in qa.segments if isinstance(s, fmt.Text) and s.loss] == [" Discs.", " Many."]
+    square = ShardData.load(corpus.shards[1].uri).record(1)  # line 7, "video_loss": 1.0
+    assert record.loss_mask[record.vision_mask].max() == 0 and square.loss_mask[square.vision_mask].max() == 1
 
     # Rerun: everything finished is skipped. Lose one shard's index (a crash before it was written): only
     # that shard is made again, and errors.jsonl still lists every failure once.
