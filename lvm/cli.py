@@ -13,6 +13,10 @@ COMMANDS = {
     "train-vqgan": "lvm.commands.train_vqgan",
     "eval-vqgan": "lvm.commands.eval_vqgan",
     "pretokenize": "lvm.commands.pretokenize",
+    "plan": "lvm.commands.plan",
+    "train": "lvm.commands.train",
+    "curriculum": "lvm.commands.curriculum",
+    "export": "lvm.commands.export",
 }
 
 

@@ -1,6 +1,6 @@
 """The project's one configuration schema: typed, frozen dataclasses validated when they are built.
 
-A `Config` has one section per concern (`model`, `attention`, `mesh`; later issues add `train`, `data`, ...).
+A `Config` has one section per concern (`model`, `attention`, `mesh`, `train`, `data`).
 Adding a section is adding a dataclass field to `Config`: the loader finds sections and their keys by
 introspection. Configs are loaded from YAML files (each file holds sections, later files override earlier ones)
 plus `section.key=value` overrides, e.g.
@@ -27,13 +27,25 @@ from lvm.schema import choice as _choice
 from lvm.schema import positive as _positive
 from lvm.schema import require as _require
 
-__all__ = ["ConfigError", "Config", "ModelConfig", "AttentionConfig", "MeshConfig", "load_config"]
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ModelConfig",
+    "AttentionConfig",
+    "MeshConfig",
+    "TrainConfig",
+    "DataConfig",
+    "load_config",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_LAYOUTS = ("interleaved", "half")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MESH_AXES = ("dp", "fsdp", "tp", "sp")
+SCHEDULES = ("constant", "cosine")
+NONFINITE_POLICIES = ("stop", "skip")
+SYNTHETIC_TASKS = ("markov_copy",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,12 +179,123 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, logging and checkpointing of `lvm train` (defaults: LWM's text stages)."""
+
+    seq_len: int = 32768
+    batch_size: int = 1  # global rows per optimizer step
+    grad_accum: int = 1  # microbatches per step; each holds batch_size / grad_accum rows
+    steps: int = 1000
+    lr: float = 4e-5  # peak learning rate
+    end_lr: float = 0.0  # cosine schedule's final learning rate
+    schedule: str = "constant"  # after linear warmup: "constant" or "cosine" (to end_lr at `steps`)
+    warmup_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.95
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms: bool = False  # also decay 1-D parameters (norm scales); excluded by default
+    clip_norm: float = 1.0  # global gradient-norm clip (0: off)
+    seed: int = 0
+    log_every: int = 1  # steps between TensorBoard / JSONL records
+    eval_every: int = 0  # steps between validation passes (0: only at the end, when data.val is set)
+    eval_batches: int = 2
+    eval_buckets: int = 4  # validation loss reported per position bucket (equal slices of seq_len)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    nonfinite: str = "stop"  # NaN/inf loss or gradient: "stop" with an error, or "skip" the update
+    profile_steps: tuple[int, ...] = ()  # (first, last): trace steps first..last-1 to workdir/profile
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: looked up from the device kind
+
+    def __post_init__(self):
+        _positive(
+            "train",
+            self,
+            ("seq_len", "batch_size", "grad_accum", "steps", "lr", "log_every", "eval_batches"),
+        )
+        _positive("train", self, ("eval_buckets", "checkpoint_every", "keep_checkpoints", "peak_flops"))
+        _choice("train.schedule", self.schedule, SCHEDULES)
+        _choice("train.nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        _require(
+            self.batch_size % self.grad_accum == 0,
+            f"train.batch_size={self.batch_size} is not divisible by train.grad_accum={self.grad_accum}; "
+            "make the batch a multiple of the number of microbatches",
+        )
+        for name in ("warmup_steps", "end_lr", "weight_decay", "clip_norm", "eval_every"):
+            _require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0")
+        _require(self.end_lr <= self.lr, f"train.end_lr={self.end_lr} must not exceed train.lr={self.lr}")
+        _require(
+            self.seq_len % self.eval_buckets == 0,
+            f"train.eval_buckets={self.eval_buckets} must divide train.seq_len={self.seq_len}",
+        )
+        _require(
+            len(self.profile_steps) in (0, 2)
+            and (not self.profile_steps or 0 <= self.profile_steps[0] < self.profile_steps[1]),
+            f"train.profile_steps={self.profile_steps} must be empty or two steps first,last with first < last",
+        )
+
+    @property
+    def microbatch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training and validation sequences come from.
+
+    `train` lists corpora written by `lvm pretokenize` (folders or gs:// prefixes), mixed by `weights`;
+    `val` is a held-out corpus. With `synthetic` set instead, the trainer writes a synthetic corpus of that
+    task into the workdir (tests, tiny curricula): "markov_copy" documents are a block drawn from a fixed sparse
+    Markov chain, repeated, so early tokens are learnable from bigrams and later ones by copying.
+    """
+
+    train: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()  # one per train corpus; empty: equal weights
+    val: str | None = None
+    synthetic: str | None = None
+    synthetic_docs: int = 256  # documents in the synthetic training corpus (validation: a quarter)
+    synthetic_doc_len: int = 1024  # tokens per synthetic document
+    synthetic_block: int = 64  # tokens of the repeated block
+    seed: int = 0  # shuffle seed
+    shuffle_window: int = 8
+    overlong: str = "split"
+    prefetch: int = 2
+    cache_dir: str | None = None  # local cache of gs:// shards (default: a temporary folder)
+
+    def __post_init__(self):
+        _positive(
+            "data",
+            self,
+            ("synthetic_docs", "synthetic_doc_len", "synthetic_block", "shuffle_window", "prefetch"),
+        )
+        _choice("data.overlong", self.overlong, ("split", "drop"))
+        if self.synthetic is not None:
+            _choice("data.synthetic", self.synthetic, SYNTHETIC_TASKS)
+        _require(
+            not self.weights or len(self.weights) == len(self.train),
+            f"data.weights has {len(self.weights)} values for {len(self.train)} data.train corpora; "
+            "give one weight per corpus or none",
+        )
+        _require(all(w > 0 for w in self.weights), f"data.weights={self.weights} must all be positive")
+
+    def check(self) -> None:
+        """The training run needs data: a corpus or a synthetic task."""
+        _require(
+            bool(self.train) or self.synthetic is not None,
+            "no training data: set data.train to corpora made by `lvm pretokenize` "
+            "(e.g. data.train=[gs://bucket/corpus]) or data.synthetic=markov_copy",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole project's configuration, one section per concern."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
     def __post_init__(self):
         m, tp = self.model, self.mesh.tp
@@ -195,7 +318,7 @@ class Config:
     def check_devices(self, n_devices: int) -> MeshConfig:
         """Validate against the device count; returns the resolved mesh."""
         mesh = self.mesh.resolve(n_devices)
-        Config(self.model, self.attention, mesh)  # tp checks with -1 resolved
+        dataclasses.replace(self, mesh=mesh)  # tp checks with -1 resolved
         shards = mesh.fsdp * mesh.sp
         _require(
             self.model.d_model % shards == 0,
@@ -229,6 +352,13 @@ class Config:
                 f"pick a divisor of {block}",
             )
 
+    def check_training(self, n_devices: int) -> MeshConfig:
+        """Everything a training run needs, checked before any compile; returns the resolved mesh."""
+        self.data.check()
+        t = self.train
+        self.check_batch_shape(t.microbatch, t.seq_len, n_devices)
+        return self.check_devices(n_devices)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Loading (the mechanics live in lvm.schema)
@@ -251,6 +381,10 @@ def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 def config_to_dict(cfg: Config) -> dict:
     """Plain nested dict (mesh as its "dp,fsdp,tp,sp" string) that `config_from_dict` reads back."""
-    out = {f.name: dataclasses.asdict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    lists = lambda v: list(v) if isinstance(v, tuple) else v  # YAML and JSON friendly
+    out = {
+        f.name: {k: lists(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
+        for f in dataclasses.fields(cfg)
+    }
     out["mesh"] = str(cfg.mesh)
     return out

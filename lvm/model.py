@@ -306,28 +306,43 @@ def _cross_entropy(logits: jax.Array, ids: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
 
 
-def loss_fn(params: dict, batch: Batch, cfg: Config, mesh: Mesh) -> tuple[jax.Array, dict]:
-    """0.5 * (text CE + vision CE), each averaged over its own masked targets; modalities absent from the batch
-    are left out of the average. Computed in sequence chunks. Returns (loss, metrics)."""
-    plan = _plan(cfg, mesh, batch)
+def _ce_sums(params: dict, batch: Batch, plan: _Plan, n_buckets: int) -> jax.Array:
+    """[n_buckets, 4] sums (text CE, text weight, vision CE, vision weight) over the batch's masked targets,
+    bucketed by the input token's position in its document (equal slices of the sequence length).
+    Computed in sequence chunks; the layout is never undone (sums do not care about token order)."""
     batch = _tokens_to_layout(batch, plan)
     h = _trunk(params, batch, plan)
     w_text, w_vision = _head_weights(params, plan)
-    eps = cfg.model.norm_eps
+    eps = plan.cfg.model.norm_eps
+    width = -(-batch.tokens.shape[1] // n_buckets)
 
     @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-    def chunk_sums(h, targets, is_vision, weight):  # [b, sp, chunk, (d)] -> [4]
+    def chunk_sums(h, targets, is_vision, weight, positions):  # [b, sp, chunk, (d)] -> [n_buckets, 4]
         h = rms_norm(h, params["final_norm"], eps)
         ce_text = _cross_entropy(_logits(h, w_text), jnp.where(is_vision, 0, targets))
         ce_vision = _cross_entropy(_logits(h, w_vision), jnp.where(is_vision, targets, 0))
         w_t = jnp.where(is_vision, 0.0, weight)
         w_v = jnp.where(is_vision, weight, 0.0)
-        return jnp.stack([jnp.sum(ce_text * w_t), jnp.sum(w_t), jnp.sum(ce_vision * w_v), jnp.sum(w_v)])
+        per_token = jnp.stack([ce_text * w_t, w_t, ce_vision * w_v, w_v], axis=-1)  # [..., 4]
+        bucket = jax.nn.one_hot(jnp.minimum(positions // width, n_buckets - 1), n_buckets, dtype=F32)
+        return jnp.einsum("...n,...k->nk", bucket, per_token)
 
-    xs = (h, batch.targets, batch.target_vision_mask.astype(bool), batch.loss_mask.astype(F32))
+    xs = (
+        h,
+        batch.targets,
+        batch.target_vision_mask.astype(bool),
+        batch.loss_mask.astype(F32),
+        batch.positions,
+    )
     xs = tuple(_seq_chunks(x, plan.loss_chunk, plan) for x in xs)
-    sums, _ = lax.scan(lambda acc, xc: (acc + chunk_sums(*xc), None), jnp.zeros(4, F32), xs)
-    text_sum, text_n, vision_sum, vision_n = sums
+    zero = jnp.zeros((n_buckets, 4), F32)
+    return lax.scan(lambda acc, xc: (acc + chunk_sums(*xc), None), zero, xs)[0]
+
+
+def loss_from_sums(sums: jax.Array) -> tuple[jax.Array, dict]:
+    """The training loss and its metrics from `_ce_sums`'s [4] (or [n, 4], summed) totals: 0.5 * (text CE +
+    vision CE), each averaged over its own masked targets; an absent modality is left out of the average."""
+    text_sum, text_n, vision_sum, vision_n = sums.reshape(-1, 4).sum(0)
     text_loss = text_sum / jnp.maximum(text_n, 1.0)
     vision_loss = vision_sum / jnp.maximum(vision_n, 1.0)
     present = (text_n > 0).astype(F32) + (vision_n > 0).astype(F32)
@@ -340,6 +355,16 @@ def loss_fn(params: dict, batch: Batch, cfg: Config, mesh: Mesh) -> tuple[jax.Ar
         "vision_tokens": vision_n,
     }
     return loss, metrics
+
+
+def loss_fn(params: dict, batch: Batch, cfg: Config, mesh: Mesh) -> tuple[jax.Array, dict]:
+    """The training loss of `loss_from_sums` on `batch`. Returns (loss, metrics)."""
+    return loss_from_sums(_ce_sums(params, batch, _plan(cfg, mesh, batch), 1))
+
+
+def bucket_sums(params: dict, batch: Batch, cfg: Config, mesh: Mesh, n_buckets: int) -> jax.Array:
+    """[n_buckets, 4] CE sums and target counts (text, vision) by position bucket, for validation."""
+    return _ce_sums(params, batch, _plan(cfg, mesh, batch), n_buckets)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,16 +388,50 @@ def init_opt_state(cfg: Config, mesh: Mesh, optimizer: optax.GradientTransformat
     return jax.jit(optimizer.init, out_shardings=opt_state_shardings(cfg, mesh, optimizer))(params)
 
 
+def _microbatches(batch: Batch, n: int, mesh: Mesh) -> Batch:
+    """[B, S] fields -> [n, B / n, S]; microbatch i holds rows i, i + n, ... so no row changes device."""
+
+    def split(x):
+        b, s = x.shape
+        y = x.reshape(b // n, n, s).swapaxes(0, 1)
+        return with_logical_constraint(y, (None, *TOKENS), mesh)
+
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(cfg: Config, mesh: Mesh, optimizer: optax.GradientTransformation):
-    """Jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`; params and state are donated."""
+    """Jitted `step(params, opt_state, batch) -> (params, opt_state, metrics)`; params and state are donated.
+
+    With `train.grad_accum` > 1 the batch is split into that many microbatches whose gradients (and metrics)
+    are averaged. With `train.nonfinite == "skip"` a step whose loss or gradient is not finite leaves params
+    and optimizer state unchanged; `metrics["finite"]` says which happened."""
     p_sh = param_shardings(cfg, mesh)
     o_sh = opt_state_shardings(cfg, mesh, optimizer)
+    accum, skip = cfg.train.grad_accum, cfg.train.nonfinite == "skip"
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grads_and_metrics(params, batch):
+        if accum == 1:
+            (_, metrics), grads = grad_fn(params, batch, cfg, mesh)
+            return grads, metrics
+        micro = tuple(_microbatches(batch, accum, mesh))
+        value_and_grad = lambda mb: grad_fn(params, Batch(*mb), cfg, mesh)
+        shapes = jax.eval_shape(value_and_grad, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        add = lambda total, mb: (jax.tree.map(jnp.add, total, value_and_grad(mb)), None)
+        (_, metrics), grads = jax.tree.map(lambda x: x / accum, lax.scan(add, zeros, micro)[0])
+        return grads, metrics
 
     def step(params, opt_state, batch):
-        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, cfg, mesh)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {**metrics, "grad_norm": optax.tree.norm(grads)}
+        grads, metrics = grads_and_metrics(params, batch)
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        if skip:
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_params, new_opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+        return new_params, new_opt_state, {**metrics, "grad_norm": grad_norm, "finite": finite}
 
     return jax.jit(
         step,

@@ -129,11 +129,11 @@ def resolve_path(name: str | Path, config_dir: Path) -> Path:
     raise FileNotFoundError(f"no config file {name!r}; pass a YAML path or one of: {', '.join(available)}")
 
 
-def _merge(base: dict, extra: Mapping) -> dict:
+def merge(base: dict, extra: Mapping) -> dict:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -150,11 +150,11 @@ def _apply_override(root: type, data: dict, override: str) -> dict:
     if name not in sections:
         raise _unknown(name, list(sections))
     if not sub:  # a whole section given as a scalar, e.g. mesh=1,-1,4,2
-        return _merge(data, {name: text.strip()})
+        return merge(data, {name: text.strip()})
     section = data.get(name)
     if isinstance(section, str):  # e.g. mesh given as "1,-1,4,2" in a file, then mesh.sp=2
         section = dataclasses.asdict(_build_section(name, sections[name], section))
-    return _merge(data, {name: _merge(dict(section or {}), {sub: value})})
+    return merge(data, {name: merge(dict(section or {}), {sub: value})})
 
 
 def load(root: type, files: Sequence[str | Path], overrides: Sequence[str], config_dir: Path):
@@ -165,7 +165,13 @@ def load(root: type, files: Sequence[str | Path], overrides: Sequence[str], conf
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path}: a config file must map section names to mappings")
-        data = _merge(data, loaded)
+        data = merge(data, loaded)
+    return load_data(root, data, overrides)
+
+
+def load_data(root: type, data: Mapping[str, Any], overrides: Sequence[str] = ()):
+    """Apply `section.key=value` overrides to nested sections `data` and validate as `root`."""
+    data = dict(data)
     for override in overrides:
         data = _apply_override(root, data, override)
     return from_dict(root, data)

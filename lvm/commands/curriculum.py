@@ -1,0 +1,39 @@
+"""Run a staged curriculum (each stage starts from the previous one's params; reruns resume)."""
+
+from __future__ import annotations
+
+import sys
+
+from lvm import distributed
+from lvm.commands.train import EXIT_NONFINITE, EXIT_PREEMPTED
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="curriculum file or name under configs/curriculum/")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[STAGE:]KEY=VALUE",
+        help="override for every stage, or for one stage when prefixed by its name",
+    )
+    parser.add_argument("--workdir", required=True, help="folder of stages/NAME run folders and summary.json")
+    parser.add_argument("--init-from", help="start the first stage from this workdir's or export's params")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    distributed.add_arguments(parser)
+
+
+def run(args) -> int:
+    from lvm.curriculum import load_curriculum
+
+    cur = load_curriculum(args.config, args.set)
+    distributed.initialize(args)
+    from lvm.curriculum import run_curriculum
+    from lvm.trainer import NonFiniteLossError
+
+    try:
+        summary = run_curriculum(cur, args.workdir, init_from=args.init_from, progress=not args.no_progress)
+    except NonFiniteLossError as err:
+        print(f"lvm curriculum: error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+    return 0 if summary["complete"] else EXIT_PREEMPTED

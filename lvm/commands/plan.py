@@ -1,0 +1,160 @@
+"""Plan a training step's per-device memory by compiling it from abstract shapes (TPU AOT, or simulated CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD_ENV = "LVM_PLAN_CHILD"  # set in a re-executed child so it never re-executes again
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--config", required=True, help="curriculum name/path (with --stage) or a config file"
+    )
+    parser.add_argument("--stage", help="the curriculum stage to plan (optional for one-stage curricula)")
+    parser.add_argument("--devices", type=int, required=True, help="chips (TPU) or simulated devices (CPU)")
+    parser.add_argument("--chip-memory", type=float, help="GiB per chip (default: the chip's HBM)")
+    parser.add_argument("--topology", help="TPU topology, e.g. v4:4x8x8 (default: the usual --chip slice)")
+    parser.add_argument("--chip", default="v4", help="TPU generation: v4, v5e or v5p (default: %(default)s)")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "tpu", "cpu"],
+        help="auto: TPU AOT if libtpu works, else CPU",
+    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--no-suggest", action="store_true", help="do not re-plan variants when it does not fit"
+    )
+    parser.add_argument("--out", help="also write the JSON report to this file")
+
+
+def run(args) -> int:
+    if _cpu_devices_short(args):  # jax fixed its CPU device count at import: rerun with enough of them
+        env = {"JAX_PLATFORMS": "cpu", **os.environ, CHILD_ENV: "1", "XLA_FLAGS": _xla_flags(args.devices)}
+        return subprocess.run([sys.executable, "-m", "lvm.cli", "plan", *_argv(args)], env=env).returncode
+    if "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = _xla_flags(args.devices)
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is only used for ahead-of-time compiles
+
+    from lvm.planner import plan
+
+    cfg, stage = load_stage(args.config, args.stage, args.set)
+    report = plan(
+        cfg,
+        args.devices,
+        chip_memory_gib=args.chip_memory,
+        topology=args.topology,
+        chip=args.chip,
+        backend=args.backend,
+        stage=stage,
+        suggest=not args.no_suggest,
+    )
+    report["config"] = args.config
+    print(summary(report), file=sys.stderr)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def load_stage(config: str, stage: str | None, overrides):
+    """(Config, stage name) from a curriculum stage, or from a plain config file (stage None)."""
+    import yaml
+
+    from lvm.config import ConfigError, load_config
+    from lvm.curriculum import load_curriculum, resolve_curriculum_path
+
+    try:
+        path = resolve_curriculum_path(config)
+        is_curriculum = "stages" in (yaml.safe_load(path.read_text()) or {})
+    except FileNotFoundError:
+        is_curriculum = False
+    if not is_curriculum:
+        if stage is not None:
+            raise ConfigError(f"--stage {stage!r} given but {config!r} is a config file, not a curriculum")
+        return load_config([config], overrides), None
+    curriculum = load_curriculum(path, overrides)
+    if stage is None:
+        if len(curriculum.stages) != 1:
+            raise ConfigError(
+                f"curriculum {curriculum.name!r} has stages {curriculum.stage_names}; pick one with --stage"
+            )
+        stage = curriculum.stages[0].name
+    return curriculum.stage(stage).cfg, stage
+
+
+def summary(r: dict) -> str:
+    """A few human-readable lines of a plan report."""
+    g = r["gib_per_device"]
+    mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
+    verdict = (
+        f"FITS, headroom {r['headroom_gib']} GiB"
+        if r["fits"]
+        else f"DOES NOT FIT, short {r['shortfall_gib']} GiB"
+    )
+    lines = [
+        f"plan {r['stage'] or r.get('config', '')}: {r['params'] / 1e9:.2f}B params, mesh {mesh}, {r['devices']} devices, "
+        f"{r['backend']} ({r['device_kind']}), compile {r['compile_s']} s",
+        "GiB/device: "
+        + "  ".join(f"{k} {g[k]}" for k in ("params", "opt_state", "batch", "temporaries", "peak")),
+        f"peak {g['peak']} GiB of {r['chip_memory_gib']} GiB per chip: {verdict}",
+    ]
+    for key in ("warning", "note"):
+        if key in r:
+            lines.append(f"{key}: {r[key]}")
+    for s in r.get("suggestions", []):
+        result = (
+            s.get("error") or f"peak {s['peak_gib']} GiB on mesh {s['mesh']}: {'fits' if s['fits'] else 'no'}"
+        )
+        lines.append(f"  try {s['change']:<40} {result}")
+    return "\n".join(lines)
+
+
+def _cpu_devices_short(args) -> bool:
+    """True when the CPU path needs more simulated devices than an already-imported jax has."""
+    if "jax" not in sys.modules or os.environ.get(CHILD_ENV):
+        return False
+    if args.backend == "tpu" or (args.backend == "auto" and importlib.util.find_spec("libtpu") is not None):
+        return False
+    import jax
+
+    return len(jax.devices("cpu")) < args.devices
+
+
+def _xla_flags(n: int) -> str:
+    flags = [
+        f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+    ]
+    return " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+
+
+def _argv(args) -> list[str]:
+    """The command line of `args` (for the re-executed child)."""
+    out = [
+        "--config",
+        args.config,
+        "--devices",
+        str(args.devices),
+        "--chip",
+        args.chip,
+        "--backend",
+        args.backend,
+    ]
+    for flag, value in (
+        ("--stage", args.stage),
+        ("--chip-memory", args.chip_memory),
+        ("--topology", args.topology),
+    ):
+        if value is not None:
+            out += [flag, str(value)]
+    for o in args.set:
+        out += ["--set", o]
+    return out + (["--no-suggest"] if args.no_suggest else []) + (["--out", args.out] if args.out else [])

@@ -1,0 +1,53 @@
+"""Train a model from a config (resumes from the workdir's newest checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from lvm import distributed
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: the run stopped early and saved a checkpoint; rerun to continue
+EXIT_NONFINITE = 3
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--config",
+        action="append",
+        required=True,
+        help="config file or name under configs/ (repeatable, later ones win); with --stage, a curriculum",
+    )
+    parser.add_argument("--stage", help="train this stage of the curriculum given as --config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--workdir", required=True, help="run folder: checkpoints, logs, summary.json")
+    parser.add_argument("--init-from", help="start from this workdir's or `lvm export` folder's params")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distributed.add_arguments(parser)
+
+
+def load(args):
+    """The Config the flags describe."""
+    if args.stage:
+        from lvm.curriculum import load_curriculum
+
+        if len(args.config) != 1:
+            raise ValueError("with --stage give exactly one --config: the curriculum")
+        return load_curriculum(args.config[0], args.set).stage(args.stage).cfg
+    from lvm.config import load_config
+
+    return load_config(args.config, args.set)
+
+
+def run(args) -> int:
+    cfg = load(args)  # a bad config fails before jax starts
+    distributed.initialize(args)
+    from lvm.trainer import NonFiniteLossError, train
+
+    try:
+        result = train(cfg, args.workdir, init_from=args.init_from, progress=not args.no_progress)
+    except NonFiniteLossError as err:
+        print(f"lvm train: error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
+    print(json.dumps(result.to_dict()))
+    return EXIT_PREEMPTED if result.preempted else 0

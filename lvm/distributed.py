@@ -1,0 +1,34 @@
+"""Multi-process start-up: one JAX process per host (TPU VM worker, GPU node, or CPU process)."""
+
+from __future__ import annotations
+
+import jax
+
+
+def add_arguments(parser) -> None:
+    """The multi-host flags shared by `lvm train` and `lvm curriculum`."""
+    group = parser.add_argument_group("multi-host")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() with auto-detection (Cloud TPU pod slices, SLURM)",
+    )
+    group.add_argument(
+        "--coordinator", help="HOST:PORT of process 0 (explicit start-up for CPU/GPU clusters)"
+    )
+    group.add_argument("--num-processes", type=int, help="total processes (with --coordinator)")
+    group.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
+
+
+def initialize(args) -> None:
+    """Start jax.distributed as the flags ask; a single process needs none of them."""
+    if args.coordinator:
+        if args.num_processes is None or args.process_id is None:
+            raise ValueError("--coordinator needs --num-processes and --process-id")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    elif args.distributed:
+        jax.distributed.initialize()

@@ -1,0 +1,417 @@
+"""Capacity planning: compile (never run) one training step from abstract shapes and report per-device memory.
+
+The step is `lvm.model.make_train_step` lowered with `jax.ShapeDtypeStruct` arguments that carry their
+shardings, so no weight is ever materialised. It is compiled ahead of time for a real TPU topology when `libtpu`
+is installed (`jax.experimental.topologies`, as MaxText's AOT compile does), otherwise for simulated CPU devices
+(an estimate only: the CPU compiler fuses, pads and schedules differently). XLA's memory analysis then gives
+per-device argument, output, aliased and temporary bytes; a plan that does not fit re-plans a few variants
+(more sp, rematerialisation, smaller chunks, more grad accumulation, more devices) and reports which fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from lvm.attention.ring import resolve_chunks
+from lvm.config import MESH_AXES, Config, ConfigError
+from lvm.model import (
+    DEFAULT_FFN_CHUNK,
+    DEFAULT_LOSS_CHUNK,
+    Batch,
+    batch_shardings,
+    make_train_step,
+    opt_state_shardings,
+    param_count,
+    param_shapes,
+    param_shardings,
+)
+from lvm.optim import make_optimizer
+from lvm.sharding import make_mesh
+
+GIB = 1 << 30
+CPU_NOTE = (
+    "compiled for simulated CPU devices: XLA's CPU compiler fuses, pads and schedules differently from TPU, so "
+    "these bytes are only an estimate of TPU memory; install libtpu (pip install -e '.[plan]') for a TPU compile"
+)
+BATCH_DTYPES = Batch(
+    tokens="int32",
+    vision_mask="bool",
+    positions="int32",
+    segment_ids="int32",
+    targets="int32",
+    target_vision_mask="bool",
+    loss_mask="float32",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    hbm_gib: float  # HBM per chip
+    chip_config: str  # libtpu chip config: "megacore" fuses a chip's two TensorCores into one device
+    ndim: int  # dimensions of the topology string (v4: 4x4x4, v5e: 16x16)
+    cores: int  # TensorCores per chip, for the accelerator-type name (v4-512 has 256 chips)
+    pod_name: str  # accelerator-type prefix (v4-512, v5litepod-256, v5p-512)
+
+
+CHIPS = {
+    "v4": Chip(32.0, "megacore", 3, 2, "v4"),
+    "v5e": Chip(16.0, "default", 2, 1, "v5litepod"),
+    "v5p": Chip(95.0, "megacore", 3, 2, "v5p"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices: a TPU topology (ahead of time) or simulated CPU devices
+
+
+def topology_name(chip: str, n_chips: int) -> str:
+    """The usual topology string with `n_chips` chips, e.g. ("v4", 256) -> "v4:4x8x8", ("v5e", 8) -> "v5e:2x4"."""
+    spec = _chip(chip)
+    k = int(math.log2(n_chips)) if n_chips > 0 else -1
+    if n_chips <= 0 or 2**k != n_chips:
+        raise ConfigError(f"{n_chips} chips: TPU {chip} slices have a power-of-two chip count; pick one")
+    if spec.ndim == 2:
+        return f"{chip}:{2 ** (k // 2)}x{2 ** (k - k // 2)}"
+    if n_chips < 4:
+        raise ConfigError(f"{n_chips} chips: the smallest TPU {chip} slice has 4 chips (2x2x1)")
+    exps = [1, 1, 0]  # 2x2x1, then grow the smallest dimension (the last one among equals): 2x2x2, 2x2x4, ...
+    for _ in range(k - 2):
+        low = min(exps)
+        exps[max(i for i, e in enumerate(exps) if e == low)] += 1
+    return f"{chip}:" + "x".join(str(2**e) for e in sorted(exps))
+
+
+def parse_topology(name: str) -> tuple[str, int]:
+    """ "v4:4x4x4" -> ("v4", 64)."""
+    chip, _, dims = name.partition(":")
+    try:
+        n = math.prod(int(d) for d in dims.split("x"))
+    except ValueError:
+        n = 0
+    if chip not in CHIPS or n <= 0:
+        raise ConfigError(
+            f"topology {name!r}: write it as CHIP:AxBxC with CHIP in {sorted(CHIPS)}, e.g. v4:4x4x4"
+        )
+    return chip, n
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU topology for ahead-of-time compiles (one per chip); needs the `libtpu` package."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise ImportError("libtpu is not installed (pip install -e '.[plan]')")
+    chip, n = parse_topology(topology)
+    spec = CHIPS[chip]
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{spec.pod_name}-{n * spec.cores}")  # quiets libtpu
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(
+        topology_name=topology, platform="tpu", chip_config_name=spec.chip_config
+    )
+    return list(topo.devices)
+
+
+def cpu_devices(n: int) -> list:
+    """`n` simulated CPU devices; jax fixes their count at start-up, so fewer is an error naming the flag."""
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+        raise ConfigError(
+            f"the CPU fallback needs {n} simulated devices but jax has {len(devices)}; start python with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (`lvm plan` does this itself)"
+        )
+    return devices[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Abstract arguments and the compiled step's memory
+
+
+def abstract_args(cfg: Config, mesh, optimizer):
+    """(params, opt_state, batch) as sharded ShapeDtypeStructs: the train step's arguments, never allocated."""
+    sds = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+    params = jax.tree.map(sds, param_shapes(cfg.model), param_shardings(cfg, mesh))
+    opt_shapes = jax.eval_shape(optimizer.init, param_shapes(cfg.model))
+    opt_state = jax.tree.map(sds, opt_shapes, opt_state_shardings(cfg, mesh, optimizer))
+    shape = (cfg.train.batch_size, cfg.train.seq_len)
+    batch = Batch(
+        *(
+            jax.ShapeDtypeStruct(shape, d, sharding=sh)
+            for d, sh in zip(BATCH_DTYPES, batch_shardings(mesh), strict=True)
+        )
+    )
+    return params, opt_state, batch
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (its largest shard of each leaf)."""
+    leaf = lambda x: math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    return sum(leaf(x) for x in jax.tree.leaves(tree))
+
+
+def step_memory(cfg: Config, devices: list) -> dict:
+    """Compile `cfg`'s train step for `devices` and return its per-device memory in bytes."""
+    mesh_cfg = cfg.mesh.resolve(len(devices))
+    cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
+    cfg.check_batch_shape(cfg.train.microbatch, cfg.train.seq_len, len(devices))
+    mesh, warning = _mesh(mesh_cfg, devices)
+    optimizer = make_optimizer(cfg.train)
+    params, opt_state, batch = abstract_args(cfg, mesh, optimizer)
+    start = time.perf_counter()
+    stats = make_train_step(cfg, mesh, optimizer).lower(params, opt_state, batch).compile().memory_analysis()
+    out = {
+        "params": shard_bytes(params),
+        "opt_state": shard_bytes(opt_state),
+        "batch": shard_bytes(batch),
+        "arguments": int(stats.argument_size_in_bytes),
+        "outputs": int(stats.output_size_in_bytes),
+        "aliased": int(stats.alias_size_in_bytes),
+        "temporaries": int(stats.temp_size_in_bytes),
+        "generated_code": int(stats.generated_code_size_in_bytes),
+    }
+    # live at the peak: inputs, outputs not written in place of a donated input, scratch, and the program
+    out["peak"] = (
+        out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["generated_code"]
+    )
+    return {
+        "bytes": out,
+        "mesh": mesh_cfg,
+        "compile_s": round(time.perf_counter() - start, 1),
+        "warning": warning,
+    }
+
+
+def _mesh(mesh_cfg, devices: list):
+    """`lvm.sharding.make_mesh`, or (with a warning) a mesh that splits physical TPU axes where it cannot."""
+    try:
+        return make_mesh(mesh_cfg, devices), None
+    except NotImplementedError as err:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(mesh_cfg.sizes(), devices, allow_split_physical_axes=True)
+        mesh = Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        return (
+            mesh,
+            f"lvm.sharding.make_mesh cannot lay out mesh {mesh_cfg} on this topology ({_one_line(err)}); "
+            "planned with allow_split_physical_axes=True, which training needs too",
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plan
+
+
+def plan(
+    cfg: Config,
+    devices: int,
+    chip_memory_gib: float | None = None,
+    topology: str | None = None,
+    chip: str = "v4",
+    backend: str = "auto",
+    stage: str | None = None,
+    suggest: bool = True,
+) -> dict:
+    """Plan one training step of `cfg` on `devices` chips; a JSON-able report (see the module docstring).
+
+    backend: "tpu" (AOT for `topology`, default: the usual `chip` slice of `devices` chips), "cpu" (simulated
+    devices) or "auto" (TPU when libtpu works, else CPU, saying why)."""
+    if backend not in ("auto", "tpu", "cpu"):
+        raise ConfigError(f"backend {backend!r}: choose auto, tpu or cpu")
+    if topology is not None:
+        chip, n = parse_topology(topology)
+        if n != devices:
+            raise ConfigError(
+                f"topology {topology} has {n} chips but --devices is {devices}; make them agree"
+            )
+    _chip(chip)
+    cfg.check_devices(devices)  # a mesh that cannot use `devices` fails here, before any compile
+    target = _Target(backend, chip, topology or (topology_name(chip, devices) if backend != "cpu" else None))
+    measured = target.compile(cfg, devices)
+    memory = chip_memory_gib if chip_memory_gib is not None else CHIPS[chip].hbm_gib
+    peak_gib = measured["bytes"]["peak"] / GIB
+    t = cfg.train
+    report = {
+        "stage": stage,
+        "params": param_count(cfg.model),
+        "mesh": dict(zip(("dp", "fsdp", "tp", "sp"), measured["mesh"].sizes(), strict=True)),
+        "devices": devices,
+        "backend": target.label,
+        "device_kind": target.device_kind,
+        "batch": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "seq_len": t.seq_len},
+        "model": {
+            "remat": cfg.model.remat,
+            "scan_layers": cfg.model.scan_layers,
+            **_chunks(cfg, measured["mesh"]),
+        },
+        "bytes_per_device": measured["bytes"],
+        "gib_per_device": {k: _gib(v) for k, v in measured["bytes"].items()},
+        "chip_memory_gib": memory,
+        "fits": peak_gib <= memory,
+        "headroom_gib" if peak_gib <= memory else "shortfall_gib": _gib(
+            abs(memory * GIB - measured["bytes"]["peak"])
+        ),
+        "compile_s": measured["compile_s"],
+    }
+    if target.note:
+        report["note"] = target.note
+    if measured["warning"]:
+        report["warning"] = measured["warning"]
+    if suggest and not report["fits"]:
+        report["suggestions"] = suggestions(cfg, devices, memory, target)
+    return report
+
+
+class _Target:
+    """Where steps are compiled: TPU AOT for a topology (when possible) or simulated CPU devices."""
+
+    def __init__(self, backend: str, chip: str, topology: str | None):
+        self.backend, self.chip, self.topology, self.note = backend, chip, topology, None
+        self.devices, self.label = None, None
+        if backend != "cpu":
+            try:
+                self.devices = tpu_devices(topology)
+                self.label = f"tpu-aot:{topology}"
+            except Exception as err:  # noqa: BLE001 - any libtpu failure means: fall back, and say why
+                if backend == "tpu":
+                    raise ConfigError(
+                        f"TPU ahead-of-time compile for {topology} is unavailable: {err}"
+                    ) from err
+                self.label = f"cpu-simulated (fallback: {_one_line(err)})"
+        if self.devices is None:
+            self.label = self.label or "cpu-simulated (requested)"
+            self.note = CPU_NOTE
+
+    @property
+    def device_kind(self) -> str:
+        return self.devices[0].device_kind if self.devices else jax.devices("cpu")[0].device_kind
+
+    def compile(self, cfg: Config, n: int) -> dict:
+        if self.devices is not None and len(self.devices) == n:
+            return step_memory(cfg, self.devices)
+        if self.devices is not None:  # another slice size (a suggestion): same chip, usual topology
+            return step_memory(cfg, tpu_devices(topology_name(self.chip, n)))
+        return step_memory(cfg, cpu_devices(n))
+
+
+def _gib(n_bytes: float) -> float:
+    return float(f"{n_bytes / GIB:.4g}")
+
+
+def _one_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+def _chip(chip: str) -> Chip:
+    if chip not in CHIPS:
+        raise ConfigError(f"chip {chip!r} is unknown; choose one of {sorted(CHIPS)}")
+    return CHIPS[chip]
+
+
+def _chunks(cfg: Config, mesh) -> dict:
+    """The chunk sizes the step uses (explicit or derived from the per-device block)."""
+    from lvm.attention.ring import default_chunk
+
+    block = cfg.train.seq_len // mesh.sp
+    q, kv = resolve_chunks(
+        block, mesh.sp, cfg.attention.layout, cfg.attention.q_chunk, cfg.attention.kv_chunk
+    )
+    m = cfg.model
+    return {
+        "q_chunk": q,
+        "kv_chunk": kv,
+        "ffn_chunk": m.ffn_chunk or default_chunk(block, DEFAULT_FFN_CHUNK),
+        "loss_chunk": m.loss_chunk or default_chunk(block, DEFAULT_LOSS_CHUNK),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Suggestions: re-plan the knobs that trade memory for time or devices
+
+
+def variants(cfg: Config, devices: int) -> list[tuple[str, int, dict]]:
+    """(description, devices, Config.replace kwargs) of each single change that may lower per-device memory."""
+    mesh = cfg.mesh.resolve(devices)
+    m, t, a = cfg.model, cfg.train, cfg.attention
+    chunks = _chunks(cfg, mesh)
+    out = []
+    if mesh.fsdp % 2 == 0:
+        out.append(
+            (
+                "sp x2 (from fsdp)",
+                devices,
+                {"mesh": dataclasses.replace(mesh, fsdp=mesh.fsdp // 2, sp=mesh.sp * 2)},
+            )
+        )
+    elif mesh.dp % 2 == 0:
+        out.append(
+            ("sp x2 (from dp)", devices, {"mesh": dataclasses.replace(mesh, dp=mesh.dp // 2, sp=mesh.sp * 2)})
+        )
+    if m.remat != "full":
+        out.append(("model.remat=full", devices, {"model": dataclasses.replace(m, remat="full")}))
+    if chunks["q_chunk"] > 1 and chunks["kv_chunk"] > 1:
+        q, kv = chunks["q_chunk"] // 2, chunks["kv_chunk"] // 2
+        out.append(
+            (
+                f"attention chunks /2 (q {q}, kv {kv})",
+                devices,
+                {"attention": dataclasses.replace(a, q_chunk=q, kv_chunk=kv)},
+            )
+        )
+    if chunks["ffn_chunk"] > 1 and chunks["loss_chunk"] > 1:
+        f, lc = chunks["ffn_chunk"] // 2, chunks["loss_chunk"] // 2
+        out.append(
+            (
+                f"ffn/loss chunks /2 ({f}, {lc})",
+                devices,
+                {"model": dataclasses.replace(m, ffn_chunk=f, loss_chunk=lc)},
+            )
+        )
+    if t.microbatch % 2 == 0:
+        out.append(
+            (
+                f"train.grad_accum={t.grad_accum * 2}",
+                devices,
+                {"train": dataclasses.replace(t, grad_accum=t.grad_accum * 2)},
+            )
+        )
+    if t.microbatch % (mesh.dp * mesh.fsdp * 2) == 0:  # more devices: on fsdp while the batch allows, else sp
+        out.append(
+            (
+                f"devices x2 ({devices * 2}, fsdp x2)",
+                devices * 2,
+                {"mesh": dataclasses.replace(mesh, fsdp=mesh.fsdp * 2)},
+            )
+        )
+    else:
+        out.append(
+            (
+                f"devices x2 ({devices * 2}, sp x2)",
+                devices * 2,
+                {"mesh": dataclasses.replace(mesh, sp=mesh.sp * 2)},
+            )
+        )
+    return out
+
+
+def suggestions(cfg: Config, devices: int, memory_gib: float, target: _Target) -> list[dict]:
+    """Re-plan each variant; report its peak and whether it fits (or why it cannot be planned)."""
+    out = []
+    for change, n, replace in variants(cfg, devices):
+        entry = {"change": change, "devices": n}
+        try:
+            measured = target.compile(dataclasses.replace(cfg, **replace), n)
+            peak = measured["bytes"]["peak"] / GIB
+            entry.update(
+                peak_gib=_gib(measured["bytes"]["peak"]), fits=peak <= memory_gib, mesh=str(measured["mesh"])
+            )
+        except (ConfigError, ValueError) as err:
+            entry["error"] = _one_line(err)
+        out.append(entry)
+    return out

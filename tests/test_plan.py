@@ -1,0 +1,149 @@
+"""`lvm plan`: per-device memory of one compiled (never run) training step, from abstract shapes."""
+
+import importlib.util
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from lvm import planner
+from lvm.cli import run_command
+from lvm.config import MESH_AXES, ConfigError
+from lvm.curriculum import load_curriculum
+from lvm.model import opt_state_shardings, param_shapes, param_shardings
+from lvm.optim import make_optimizer
+from lvm.sharding import make_mesh
+
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+TINY = ["--config", "tiny", "--stage", "4k", "--devices", "8"]
+
+
+def per_device_bytes(shape, dtype, sharding) -> int:
+    """Reference: divide each dimension by the sizes of the mesh axes its PartitionSpec entry names."""
+    sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.devices.shape, strict=True))
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    local = []
+    for dim, axes in zip(shape, spec, strict=True):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        local.append(math.ceil(dim / math.prod(sizes[a] for a in axes)))
+    return math.prod(local) * np.dtype(dtype).itemsize
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_curriculum("tiny").stage("4k").cfg
+
+
+@pytest.fixture(scope="module")
+def planned(tiny):
+    """One CPU plan of the tiny 4k stage, planned as if libtpu were missing; and the live bytes it added."""
+    live = lambda: sum(x.nbytes for x in jax.live_arrays())
+    before = live()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(planner, "tpu_devices", lambda topology: (_ for _ in ()).throw(ImportError("no libtpu")))
+        report = planner.plan(tiny, 8, stage="4k")
+    return report, live() - before
+
+
+def test_argument_bytes_match_shapes_and_shardings(tiny, planned):
+    report, _ = planned
+    cfg = tiny
+    mesh = make_mesh(cfg.mesh, jax.devices()[:8])
+    optimizer = make_optimizer(cfg.train)
+    p_sh, o_sh = param_shardings(cfg, mesh), opt_state_shardings(cfg, mesh, optimizer)
+    shapes = param_shapes(cfg.model)
+    params = sum(
+        map(
+            lambda s, sh: per_device_bytes(s.shape, s.dtype, sh),
+            jax.tree.leaves(shapes),
+            jax.tree.leaves(p_sh),
+        )
+    )
+    opt_shapes = jax.eval_shape(optimizer.init, shapes)
+    opt = sum(
+        map(
+            lambda s, sh: per_device_bytes(s.shape, s.dtype, sh),
+            jax.tree.leaves(opt_shapes),
+            jax.tree.leaves(o_sh),
+        )
+    )
+    # batch [2, 4096] over dp*fsdp=2 rows and sp=4: [1, 1024] per device; 4 int32/float32 fields, 2 bool fields
+    batch = 1024 * (5 * 4 + 2 * 1)
+    got = report["bytes_per_device"]
+    assert (got["params"], got["opt_state"], got["batch"]) == (params, opt, batch)
+    assert got["arguments"] == pytest.approx(params + opt + batch, rel=0.02)
+    assert got["temporaries"] > 0 and got["peak"] >= got["arguments"] + got["temporaries"]
+    assert report["mesh"] == dict(zip(MESH_AXES, (1, 2, 1, 4), strict=True))
+    assert report["fits"] and report["headroom_gib"] > 31 and "suggestions" not in report
+
+
+def test_fallback_says_so_and_allocates_no_weights(planned):
+    report, grown = planned
+    assert report["backend"].startswith("cpu-simulated (fallback: no libtpu")
+    assert "only an estimate of TPU memory" in report["note"]
+    assert grown < report["bytes_per_device"]["params"]  # nothing parameter-sized was materialised
+
+
+def test_too_small_chip_reports_shortfall_and_suggestions(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    run_command("plan", [*TINY, "--backend", "cpu", "--chip-memory", "0.0001", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert not report["fits"] and report["shortfall_gib"] == pytest.approx(
+        report["gib_per_device"]["peak"] - 1e-4, rel=0.01
+    )
+    changes = {s["change"].split(" (")[0]: s for s in report["suggestions"]}
+    assert {"sp x2", "attention chunks /2", "train.grad_accum=2", "devices x2"} <= set(changes)
+    planned_ok = [s for s in report["suggestions"] if "peak_gib" in s]
+    assert planned_ok and all(s["peak_gib"] > 0 and not s["fits"] for s in planned_ok)
+    assert changes["attention chunks /2"]["peak_gib"] < report["gib_per_device"]["peak"]
+    assert "16 simulated devices" in changes["devices x2"]["error"]  # tests have 8
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "tiny", "--stage", "64k", "--devices", "8"], "has no stage '64k'"),
+        ([*TINY[:-1], "4", "--set", "4k:mesh=1,2,1,4"], "uses 8 devices but 4 are available"),
+        ([*TINY, "--topology", "v4:2x2x1"], "has 4 chips but --devices is 8"),
+        (["--config", "model/tiny", "--stage", "4k", "--devices", "8"], "is a config file, not a curriculum"),
+    ],
+)
+def test_bad_requests_fail_before_compiling(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        run_command("plan", argv)
+
+
+def test_topology_names():
+    assert [planner.topology_name("v4", n) for n in (4, 8, 16, 64, 256, 1024)] == [
+        "v4:2x2x1",
+        "v4:2x2x2",
+        "v4:2x2x4",
+        "v4:4x4x4",
+        "v4:4x8x8",
+        "v4:8x8x16",
+    ]
+    assert planner.topology_name("v5e", 256) == "v5e:16x16" and planner.parse_topology("v5p:4x4x8") == (
+        "v5p",
+        128,
+    )
+    with pytest.raises(ConfigError, match="power-of-two"):
+        planner.topology_name("v4", 24)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[plan]')")
+def test_tpu_ahead_of_time_plan(tiny):
+    import dataclasses
+
+    from lvm.config import MeshConfig
+
+    cfg = dataclasses.replace(tiny, mesh=MeshConfig(1, 1, 1, 4))
+    report = planner.plan(cfg, 4, topology="v4:2x2x1", stage="4k", suggest=False)
+    assert report["backend"] == "tpu-aot:v4:2x2x1" and report["device_kind"] == "TPU v4"
+    got = report["bytes_per_device"]
+    assert (
+        got["arguments"] >= got["params"] + got["opt_state"] + got["batch"]
+    )  # TPU pads small arrays to tiles
+    assert report["chip_memory_gib"] == 32.0 and report["fits"] and "note" not in report
