@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import time
 
 import jax
@@ -40,6 +41,9 @@ GIB = 1 << 30
 CPU_NOTE = (
     "compiled for simulated CPU devices: XLA's CPU compiler fuses, pads and schedules differently from TPU, so "
     "these bytes are only an estimate of TPU memory; install libtpu (pip install -e '.[plan]') for a TPU compile"
+)
+HBM_OOM = re.compile(
+    r"HLO temporaries \((?P<temp>[\d.]+[KMGT]?)\) exceeds available HBM \((?P<hbm>[\d.]+[KMGT]?)\)"
 )
 BATCH_DTYPES = Batch(
     tokens="int32",
@@ -86,7 +90,7 @@ def topology_name(chip: str, n_chips: int) -> str:
     for _ in range(k - 2):
         low = min(exps)
         exps[max(i for i, e in enumerate(exps) if e == low)] += 1
-    return f"{chip}:" + "x".join(str(2**e) for e in sorted(exps))
+    return f"{chip}:" + "x".join(str(2**e) for e in exps)
 
 
 def parse_topology(name: str) -> tuple[str, int]:
@@ -111,6 +115,7 @@ def tpu_devices(topology: str) -> list:
     spec = CHIPS[chip]
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{spec.pod_name}-{n * spec.cores}")  # quiets libtpu
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip is opened: concurrent plans are safe
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(
@@ -165,27 +170,43 @@ def step_memory(cfg: Config, devices: list) -> dict:
     optimizer = make_optimizer(cfg.train)
     params, opt_state, batch = abstract_args(cfg, mesh, optimizer)
     start = time.perf_counter()
-    stats = make_train_step(cfg, mesh, optimizer).lower(params, opt_state, batch).compile().memory_analysis()
-    out = {
-        "params": shard_bytes(params),
-        "opt_state": shard_bytes(opt_state),
-        "batch": shard_bytes(batch),
-        "arguments": int(stats.argument_size_in_bytes),
-        "outputs": int(stats.output_size_in_bytes),
-        "aliased": int(stats.alias_size_in_bytes),
-        "temporaries": int(stats.temp_size_in_bytes),
-        "generated_code": int(stats.generated_code_size_in_bytes),
-    }
-    # live at the peak: inputs, outputs not written in place of a donated input, scratch, and the program
-    out["peak"] = (
-        out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["generated_code"]
-    )
-    return {
-        "bytes": out,
-        "mesh": mesh_cfg,
-        "compile_s": round(time.perf_counter() - start, 1),
-        "warning": warning,
-    }
+    out = {"params": shard_bytes(params), "opt_state": shard_bytes(opt_state), "batch": shard_bytes(batch)}
+    result = {"bytes": out, "mesh": mesh_cfg, "warning": warning, "split_physical_axes": warning is not None}
+    try:
+        stats = (
+            make_train_step(cfg, mesh, optimizer).lower(params, opt_state, batch).compile().memory_analysis()
+        )
+    except jax.errors.JaxRuntimeError as err:
+        oom = HBM_OOM.search(str(err))
+        if not oom:
+            raise
+        # the TPU compiler refuses programs that exceed HBM; it says how much scratch the step needed
+        out["arguments"] = out["params"] + out["opt_state"] + out["batch"]
+        out["temporaries"] = _parse_bytes(oom["temp"])
+        out["peak"] = out["arguments"] + out["temporaries"]  # outputs alias the donated arguments
+        result.update(
+            usable_hbm_bytes=_parse_bytes(oom["hbm"]), compile_error=_one_line(err), tpu_compile_oom=True
+        )
+    else:
+        out.update(
+            arguments=int(stats.argument_size_in_bytes),
+            outputs=int(stats.output_size_in_bytes),
+            aliased=int(stats.alias_size_in_bytes),
+            temporaries=int(stats.temp_size_in_bytes),
+            generated_code=int(stats.generated_code_size_in_bytes),
+        )
+        # live at the peak: inputs, outputs not written in place of a donated input, scratch, the program
+        out["peak"] = (
+            out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["generated_code"]
+        )
+    result["compile_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _parse_bytes(text: str) -> int:
+    """XLA's human-readable sizes: "35.37G" -> bytes (binary units)."""
+    units = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+    return int(float(text[:-1] if text[-1] in units else text) * 1024 ** units.get(text[-1], 0))
 
 
 def _mesh(mesh_cfg, devices: list):
@@ -235,7 +256,10 @@ def plan(
     target = _Target(backend, chip, topology or (topology_name(chip, devices) if backend != "cpu" else None))
     measured = target.compile(cfg, devices)
     memory = chip_memory_gib if chip_memory_gib is not None else CHIPS[chip].hbm_gib
-    peak_gib = measured["bytes"]["peak"] / GIB
+    fits, peak = _fits(measured, memory), measured["bytes"]["peak"]
+    margin = memory * GIB - peak  # on a TPU compile OOM, at least what the compiler says is missing
+    if "usable_hbm_bytes" in measured:
+        margin = min(margin, measured["usable_hbm_bytes"] - measured["bytes"]["temporaries"])
     t = cfg.train
     report = {
         "stage": stage,
@@ -253,16 +277,17 @@ def plan(
         "bytes_per_device": measured["bytes"],
         "gib_per_device": {k: _gib(v) for k, v in measured["bytes"].items()},
         "chip_memory_gib": memory,
-        "fits": peak_gib <= memory,
-        "headroom_gib" if peak_gib <= memory else "shortfall_gib": _gib(
-            abs(memory * GIB - measured["bytes"]["peak"])
-        ),
+        "fits": fits,
+        "headroom_gib" if fits else "shortfall_gib": _gib(abs(margin)),
         "compile_s": measured["compile_s"],
     }
     if target.note:
         report["note"] = target.note
-    if measured["warning"]:
-        report["warning"] = measured["warning"]
+    for key in ("warning", "compile_error"):
+        if measured.get(key):
+            report[key] = measured[key]
+    if "usable_hbm_bytes" in measured:
+        report["usable_hbm_gib"] = _gib(measured["usable_hbm_bytes"])
     if suggest and not report["fits"]:
         report["suggestions"] = suggestions(cfg, devices, memory, target)
     return report
@@ -298,6 +323,10 @@ class _Target:
         if self.devices is not None:  # another slice size (a suggestion): same chip, usual topology
             return step_memory(cfg, tpu_devices(topology_name(self.chip, n)))
         return step_memory(cfg, cpu_devices(n))
+
+
+def _fits(measured: dict, memory_gib: float) -> bool:
+    return not measured.get("tpu_compile_oom") and measured["bytes"]["peak"] <= memory_gib * GIB
 
 
 def _gib(n_bytes: float) -> float:
@@ -339,24 +368,16 @@ def variants(cfg: Config, devices: int) -> list[tuple[str, int, dict]]:
     """(description, devices, Config.replace kwargs) of each single change that may lower per-device memory."""
     mesh = cfg.mesh.resolve(devices)
     m, t, a = cfg.model, cfg.train, cfg.attention
-    chunks = _chunks(cfg, mesh)
+    c = _chunks(cfg, mesh)
     out = []
-    if mesh.fsdp % 2 == 0:
-        out.append(
-            (
-                "sp x2 (from fsdp)",
-                devices,
-                {"mesh": dataclasses.replace(mesh, fsdp=mesh.fsdp // 2, sp=mesh.sp * 2)},
-            )
-        )
-    elif mesh.dp % 2 == 0:
-        out.append(
-            ("sp x2 (from dp)", devices, {"mesh": dataclasses.replace(mesh, dp=mesh.dp // 2, sp=mesh.sp * 2)})
-        )
+    donor = next((ax for ax in ("fsdp", "dp", "tp") if getattr(mesh, ax) % 2 == 0), None)
+    if donor:  # a shorter per-device block: activations shrink, parameters are sharded the same (fsdp*sp)
+        sp_mesh = dataclasses.replace(mesh, **{donor: getattr(mesh, donor) // 2, "sp": mesh.sp * 2})
+        out.append((f"sp x2 (from {donor})", devices, {"mesh": sp_mesh}))
     if m.remat != "full":
         out.append(("model.remat=full", devices, {"model": dataclasses.replace(m, remat="full")}))
-    if chunks["q_chunk"] > 1 and chunks["kv_chunk"] > 1:
-        q, kv = chunks["q_chunk"] // 2, chunks["kv_chunk"] // 2
+    if c["q_chunk"] > 1 and c["kv_chunk"] > 1:
+        q, kv = c["q_chunk"] // 2, c["kv_chunk"] // 2
         out.append(
             (
                 f"attention chunks /2 (q {q}, kv {kv})",
@@ -364,8 +385,8 @@ def variants(cfg: Config, devices: int) -> list[tuple[str, int, dict]]:
                 {"attention": dataclasses.replace(a, q_chunk=q, kv_chunk=kv)},
             )
         )
-    if chunks["ffn_chunk"] > 1 and chunks["loss_chunk"] > 1:
-        f, lc = chunks["ffn_chunk"] // 2, chunks["loss_chunk"] // 2
+    if c["ffn_chunk"] > 1 and c["loss_chunk"] > 1:
+        f, lc = c["ffn_chunk"] // 2, c["loss_chunk"] // 2
         out.append(
             (
                 f"ffn/loss chunks /2 ({f}, {lc})",
@@ -381,23 +402,11 @@ def variants(cfg: Config, devices: int) -> list[tuple[str, int, dict]]:
                 {"train": dataclasses.replace(t, grad_accum=t.grad_accum * 2)},
             )
         )
-    if t.microbatch % (mesh.dp * mesh.fsdp * 2) == 0:  # more devices: on fsdp while the batch allows, else sp
-        out.append(
-            (
-                f"devices x2 ({devices * 2}, fsdp x2)",
-                devices * 2,
-                {"mesh": dataclasses.replace(mesh, fsdp=mesh.fsdp * 2)},
-            )
-        )
-    else:
-        out.append(
-            (
-                f"devices x2 ({devices * 2}, sp x2)",
-                devices * 2,
-                {"mesh": dataclasses.replace(mesh, sp=mesh.sp * 2)},
-            )
-        )
-    return out
+    axis = (
+        "fsdp" if t.microbatch % (mesh.dp * mesh.fsdp * 2) == 0 else "sp"
+    )  # more devices: fsdp while the batch allows
+    more = dataclasses.replace(mesh, **{axis: getattr(mesh, axis) * 2})
+    return out + [(f"devices x2 ({devices * 2}, {axis} x2)", devices * 2, {"mesh": more})]
 
 
 def suggestions(cfg: Config, devices: int, memory_gib: float, target: _Target) -> list[dict]:
@@ -407,11 +416,11 @@ def suggestions(cfg: Config, devices: int, memory_gib: float, target: _Target) -
         entry = {"change": change, "devices": n}
         try:
             measured = target.compile(dataclasses.replace(cfg, **replace), n)
-            peak = measured["bytes"]["peak"] / GIB
-            entry.update(
-                peak_gib=_gib(measured["bytes"]["peak"]), fits=peak <= memory_gib, mesh=str(measured["mesh"])
-            )
         except (ConfigError, ValueError) as err:
             entry["error"] = _one_line(err)
+        else:
+            peak = measured["bytes"]["peak"]
+            entry.update(peak_gib=_gib(peak), fits=_fits(measured, memory_gib), mesh=str(measured["mesh"]))
+            entry.update({k: True for k in ("tpu_compile_oom", "split_physical_axes") if measured.get(k)})
         out.append(entry)
     return out

@@ -133,6 +133,7 @@ def test_topology_names():
         planner.topology_name("v4", 24)
 
 
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache")  # TPU AOT entries: no client
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[plan]')")
 def test_tpu_ahead_of_time_plan(tiny):
     import dataclasses
@@ -140,7 +141,7 @@ def test_tpu_ahead_of_time_plan(tiny):
     from lvm.config import MeshConfig
 
     cfg = dataclasses.replace(tiny, mesh=MeshConfig(1, 1, 1, 4))
-    report = planner.plan(cfg, 4, topology="v4:2x2x1", stage="4k", suggest=False)
+    report = planner.plan(cfg, 4, topology="v4:2x2x1", backend="tpu", stage="4k", suggest=False)
     assert report["backend"] == "tpu-aot:v4:2x2x1" and report["device_kind"] == "TPU v4"
     got = report["bytes_per_device"]
     assert (

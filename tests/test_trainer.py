@@ -27,6 +27,7 @@ from lvm.model import (
     make_train_step,
     param_shapes,
 )
+from lvm.metrics import flops_per_token
 from lvm.optim import decay_mask, learning_rate, make_optimizer
 from lvm.trainer import NonFiniteLossError, Trainer, load_params, train
 
@@ -127,7 +128,15 @@ def test_validation_buckets_match_a_dense_reference():
 
 
 def test_run_records_resumes_and_compiles_the_step_once(tmp_path):
-    cfg = stage_cfg("train.steps=3", "train.checkpoint_every=3", "train.eval_batches=1")
+    # bf16 compute over float32 master weights, a profiler trace of step 2, MFU against a stated peak
+    cfg = stage_cfg(
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.eval_batches=1",
+        "model.dtype=bfloat16",
+        "train.profile_steps=1,2",
+        "train.peak_flops=1e12",
+    )
     trainer = Trainer(cfg, tmp_path, progress=False)
     try:
         result = trainer.run()
@@ -137,8 +146,10 @@ def test_run_records_resumes_and_compiles_the_step_once(tmp_path):
             trainer.params, trainer.opt_state, Batch(**next(trainer.loader))
         )
         assert trainer.train_step._cache_size() == 1
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.params))
     finally:
         trainer.close()
+    assert any(p.is_file() for p in (tmp_path / "profile").rglob("*")), "no profiler trace"
     run = json.loads((tmp_path / "run.json").read_text())
     assert len(run["starts"]) == 2 and run["starts"][1]["step"] == 3
     assert run["starts"][0]["commit"] and "jax" in run["starts"][0]["packages"]
@@ -148,6 +159,9 @@ def test_run_records_resumes_and_compiles_the_step_once(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     for key in ("loss", "text_loss", "vision_loss", "grad_norm", "lr", "tokens_per_s", "mfu"):
         assert key in records[0]
+    r = records[-1]
+    assert math.isfinite(r["loss"]) and r["tokens_per_s"] == pytest.approx(8 * 256 / r["step_s"])
+    assert r["mfu"] == pytest.approx(flops_per_token(cfg) * 8 * 256 / r["step_s"] / (1e12 * 8))
     assert list((tmp_path / "tb").iterdir()), "no TensorBoard events"
     val = json.loads((tmp_path / "summary.json").read_text())["val"]
     assert len(val["buckets"]) == 4 and all(b["loss"] > 0 for b in val["buckets"])
@@ -216,7 +230,10 @@ def test_export_writes_params_that_load_for_inference(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.seq_len=1020", "data.synthetic_doc_len=1021", "mesh=1,2,1,4"], "must be divisible by 8 for the zigzag layout"),
+        (
+            ["train.seq_len=1020", "data.synthetic_doc_len=1021", "mesh=1,2,1,4"],
+            "must be divisible by 8 for the zigzag layout",
+        ),
         (["mesh=1,1,8,1"], "n_heads=4 is not divisible by mesh tp=8"),
         (["train.batch_size=4"], "batch size 4 is not divisible by dp\\*fsdp=8"),
         (["mesh=1,2,1,2"], "uses 4 devices but 8 are available"),
@@ -228,3 +245,14 @@ def test_impossible_configs_fail_before_compiling(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         Trainer(stage_cfg(*overrides), tmp_path, progress=False)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_model_flops_count_every_matmul_parameter_and_causal_attention():
+    cfg = load_curriculum("lwm_text").stage("32k").cfg
+    m = cfg.model
+    shapes = param_shapes(m)
+    matmul = sum(x.size for x in jax.tree.leaves(shapes) if len(x.shape) >= 2) - shapes["wte"].size
+    matmul -= shapes["vte"].size  # embedding lookups are gathers, not matmuls
+    attention = 12 * m.n_layers * m.d_model * cfg.train.seq_len / 2
+    assert flops_per_token(cfg) == pytest.approx(6 * matmul + attention, rel=1e-9)
+    assert 6.5e9 < matmul < 7.0e9  # LLaMA-2-7B's ~6.7B matmul parameters (+ the 8448-entry vision head)
