@@ -227,15 +227,20 @@ def _seq_unchunk(y: jax.Array, plan: _Plan) -> jax.Array:
     return with_logical_constraint(x, RESIDUAL, plan.mesh)
 
 
-def _attention(x, p, axes, rope, segment_ids, plan: _Plan) -> jax.Array:
-    """Pre-norm attention block's output (to be added to the residual) for x [b, S, d] in ring layout."""
-    m, a, mesh = plan.cfg.model, plan.cfg.attention, plan.mesh
+def _qkv(x, p, axes, rope, m: ModelConfig, use) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pre-norm q [b, S, h, hd] and RoPE-rotated k, v [b, S, hk, hd] of x [b, S, d]; `use` readies a weight."""
     h = rms_norm(x, p["attn_norm"], m.norm_eps)
-    q = jnp.einsum("bsd,dhk->bshk", h, _use(p["wq"], axes["wq"], plan))
-    k = jnp.einsum("bsd,dhk->bshk", h, _use(p["wk"], axes["wk"], plan))
-    v = jnp.einsum("bsd,dhk->bshk", h, _use(p["wv"], axes["wv"], plan))
-    q = apply_rope(q, *rope, m.rope_layout)
-    k = apply_rope(k, *rope, m.rope_layout)
+    q = jnp.einsum("bsd,dhk->bshk", h, use(p["wq"], axes["wq"]))
+    k = jnp.einsum("bsd,dhk->bshk", h, use(p["wk"], axes["wk"]))
+    v = jnp.einsum("bsd,dhk->bshk", h, use(p["wv"], axes["wv"]))
+    return apply_rope(q, *rope, m.rope_layout), apply_rope(k, *rope, m.rope_layout), v
+
+
+def _attention(x, p, axes, rope, segment_ids, plan: _Plan):
+    """Pre-norm attention block's output (to be added to the residual) for x [b, S, d] in ring layout, and
+    the block's keys and values [b, S, hk, hd] (for a KV cache)."""
+    m, a, mesh = plan.cfg.model, plan.cfg.attention, plan.mesh
+    q, k, v = _qkv(x, p, axes, rope, m, lambda w, ax: _use(w, ax, plan))
     q_spec = logical_spec(("batch", "seq", "act_heads", None))
     kv_spec = logical_spec(("batch", "seq", "act_kv_heads", None))
     attn = partial(
@@ -247,7 +252,7 @@ def _attention(x, p, axes, rope, segment_ids, plan: _Plan) -> jax.Array:
         in_specs=(q_spec, kv_spec, kv_spec, logical_spec(TOKENS)),
         out_specs=q_spec,
     )(q, k, v, segment_ids)
-    return jnp.einsum("bshk,hkd->bsd", o, _use(p["wo"], axes["wo"], plan))
+    return jnp.einsum("bshk,hkd->bsd", o, _use(p["wo"], axes["wo"], plan)), (k, v)
 
 
 def _feed_forward(x, p, axes, plan: _Plan) -> jax.Array:
@@ -263,25 +268,37 @@ def _feed_forward(x, p, axes, plan: _Plan) -> jax.Array:
     return _seq_unchunk(out, plan)
 
 
-def _trunk(params: dict, batch: Batch, plan: _Plan) -> jax.Array:
-    """Residual stream [b, S, d] after all layers (before the final norm), for a batch in ring layout."""
+def layer_axes(m: ModelConfig) -> dict:
+    """Logical axes of one layer's weights (the stacking axis dropped)."""
+    return {k: v[1:] for k, v in param_axes(m)["layers"].items()}
+
+
+def _trunk(params: dict, batch: Batch, plan: _Plan, collect_kv: bool = False):
+    """Residual stream [b, S, d] after all layers (before the final norm), for a batch in ring layout; with
+    `collect_kv`, also every layer's keys and values, stacked: [L, b, S, hk, hd] each (ring layout)."""
     m, mesh = plan.cfg.model, plan.mesh
-    axes = {k: v[1:] for k, v in param_axes(m)["layers"].items()}  # per-layer axes (stacking axis dropped)
+    axes = layer_axes(m)
     rope = rope_angles(batch.positions, m.head_dim, m.rope_theta)
     segment_ids = batch.segment_ids.astype(jnp.int32)
 
     def layer(x, p):
-        x = with_logical_constraint(x + _attention(x, p, axes, rope, segment_ids, plan), RESIDUAL, mesh)
-        return with_logical_constraint(x + _feed_forward(x, p, axes, plan), RESIDUAL, mesh)
+        out, kv = _attention(x, p, axes, rope, segment_ids, plan)
+        x = with_logical_constraint(x + out, RESIDUAL, mesh)
+        x = with_logical_constraint(x + _feed_forward(x, p, axes, plan), RESIDUAL, mesh)
+        return x, (kv if collect_kv else None)
 
-    if m.remat != "none":
+    if m.remat != "none" and not collect_kv:
         layer = jax.checkpoint(layer, policy=_REMAT[m.remat], prevent_cse=not m.scan_layers)
     x = _embed(params, batch.tokens, batch.vision_mask, plan)
     if m.scan_layers:
-        return lax.scan(lambda x, p: (layer(x, p), None), x, params["layers"])[0]
-    for i in range(m.n_layers):
-        x = layer(x, jax.tree.map(lambda w, i=i: w[i], params["layers"]))
-    return x
+        x, kv = lax.scan(layer, x, params["layers"])
+    else:
+        kvs = []
+        for i in range(m.n_layers):
+            x, kv = layer(x, jax.tree.map(lambda w, i=i: w[i], params["layers"]))
+            kvs.append(kv)
+        kv = jax.tree.map(lambda *a: jnp.stack(a), *kvs) if collect_kv else None
+    return (x, kv) if collect_kv else x
 
 
 def _head_weights(params: dict, plan: _Plan) -> tuple[jax.Array, jax.Array]:
@@ -439,3 +456,94 @@ def make_train_step(cfg: Config, mesh: Mesh, optimizer: optax.GradientTransforma
         out_shardings=(p_sh, o_sh, replicated(mesh)),
         donate_argnums=(0, 1),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inference: a sequence-sharded KV cache, ring-attention prefill, and dense extension steps
+
+CACHE_AXES = ("layers", "batch", "seq", "act_kv_heads", None)  # [L, b, S, hk, hd]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer in natural token order, sharded over sp on the sequence axis.
+
+    k, v: [layers, batch, max_len, kv_heads, head_dim]; length: [batch] int32 tokens held per row (row r's
+    tokens occupy [0, length[r]); slots past it are free)."""
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+
+def cache_sharding(mesh: Mesh) -> KVCache:
+    kv = logical_sharding(mesh, CACHE_AXES)
+    return KVCache(kv, kv, replicated(mesh))
+
+
+def prefill(
+    params: dict, batch: Batch, lengths: jax.Array, cfg: Config, mesh: Mesh, max_len: int
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Run right-padded prompts (batch fields [b, S], row r real for its first lengths[r] tokens) through the
+    model with ring attention over sp. Returns the text and vision logits [b, V] at each row's last prompt
+    token and a KVCache of `max_len` slots holding the prompts."""
+    plan = _plan(cfg, mesh, batch)
+    h, (k, v) = _trunk(params, _tokens_to_layout(batch, plan), plan, collect_kv=True)
+    spec = logical_spec(("batch", "seq", "act_embed"))
+    undo = partial(from_layout, axis_name="sp", layout=cfg.attention.layout)
+    h = jax.shard_map(undo, mesh=mesh, in_specs=(spec,), out_specs=spec)(h)
+    kv_spec = logical_spec(CACHE_AXES)
+    undo_kv = partial(from_layout, axis_name="sp", layout=cfg.attention.layout, seq_axis=2)
+    k, v = (jax.shard_map(undo_kv, mesh=mesh, in_specs=(kv_spec,), out_specs=kv_spec)(x) for x in (k, v))
+    pad = [(0, 0), (0, 0), (0, max_len - k.shape[2]), (0, 0), (0, 0)]
+    k, v = (with_logical_constraint(jnp.pad(x, pad), CACHE_AXES, mesh) for x in (k, v))
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, d]
+    last = rms_norm(last, params["final_norm"], cfg.model.norm_eps)
+    text, vision = (_logits(last, w) for w in _head_weights(params, plan))
+    return text, vision, KVCache(k, v, lengths.astype(jnp.int32))
+
+
+def extend(
+    params: dict, cache: KVCache, tokens: jax.Array, vision_mask: jax.Array, cfg: Config, mesh: Mesh
+) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Append `tokens` [b, T] (vision_mask [b, T]) to every row of the cache and return their text and vision
+    logits [b, T, V] and the new cache. Attention is dense over the cache (its sequence axis stays sharded
+    over sp; XLA reduces across devices), so T should be small: one token per step when decoding."""
+    m = cfg.model
+    plan = _Plan(cfg, mesh, 1, 1)
+    use = lambda w, ax: _use(w, ax, plan)
+    b, T = tokens.shape
+    S = cache.k.shape[2]
+    positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)  # [b, T]
+    rope = rope_angles(positions, m.head_dim, m.rope_theta)
+    offset = jnp.arange(S)[None, :] - cache.length[:, None]  # [b, S]: slot s holds new token offset[b, s]
+    written = ((offset >= 0) & (offset < T))[..., None, None]
+    take = jnp.clip(offset, 0, T - 1)[..., None, None]
+    visible = jnp.arange(S)[None, None, :] <= positions[..., None]  # [b, T, S]
+    axes = layer_axes(m)
+    g = m.n_heads // m.n_kv_heads
+    emb_axes = ("vocab", "embed")
+    x = jnp.where(
+        vision_mask[..., None],
+        jnp.take(use(params["vte"], emb_axes), jnp.where(vision_mask, tokens, 0), axis=0),
+        jnp.take(use(params["wte"], emb_axes), jnp.where(vision_mask, 0, tokens), axis=0),
+    )
+
+    def layer(x, p_kv):
+        p, kc, vc = p_kv
+        q, k, v = _qkv(x, p, axes, rope, m, use)
+        kc = jnp.where(written, jnp.take_along_axis(k, take, axis=1), kc)
+        vc = jnp.where(written, jnp.take_along_axis(v, take, axis=1), vc)
+        kc, vc = (with_logical_constraint(c, CACHE_AXES[1:], mesh) for c in (kc, vc))
+        qg = q.reshape(b, T, m.n_kv_heads, g, m.head_dim).astype(F32) * m.head_dim**-0.5
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, kc.astype(F32))
+        probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
+        o = jnp.einsum("bkgts,bskd->btkgd", probs, vc.astype(F32)).reshape(b, T, m.n_heads, m.head_dim)
+        x = x + jnp.einsum("bthk,hkd->btd", o.astype(x.dtype), use(p["wo"], axes["wo"]))
+        w = [use(p[n], axes[n]) for n in ("w_gate", "w_up", "w_down")]
+        x = x + swiglu(rms_norm(x, p["mlp_norm"], m.norm_eps), *w)
+        return x, (kc, vc)
+
+    x, (k_all, v_all) = lax.scan(layer, x, (params["layers"], cache.k, cache.v))
+    h = rms_norm(x, params["final_norm"], m.norm_eps)
+    text, vision = (_logits(h, w) for w in _head_weights(params, plan))
+    return text, vision, KVCache(k_all, v_all, cache.length + T)

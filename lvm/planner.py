@@ -19,10 +19,9 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh
 
 from lvm.attention.ring import resolve_chunks
-from lvm.config import MESH_AXES, Config, ConfigError
+from lvm.config import Config, ConfigError
 from lvm.model import (
     DEFAULT_FFN_CHUNK,
     DEFAULT_LOSS_CHUNK,
@@ -166,12 +165,12 @@ def step_memory(cfg: Config, devices: list) -> dict:
     mesh_cfg = cfg.mesh.resolve(len(devices))
     cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     cfg.check_batch_shape(cfg.train.microbatch, cfg.train.seq_len, len(devices))
-    mesh, warning = _mesh(mesh_cfg, devices)
+    mesh = make_mesh(mesh_cfg, devices)
     optimizer = make_optimizer(cfg.train)
     params, opt_state, batch = abstract_args(cfg, mesh, optimizer)
     start = time.perf_counter()
     out = {"params": shard_bytes(params), "opt_state": shard_bytes(opt_state), "batch": shard_bytes(batch)}
-    result = {"bytes": out, "mesh": mesh_cfg, "warning": warning, "split_physical_axes": warning is not None}
+    result = {"bytes": out, "mesh": mesh_cfg}
     try:
         stats = (
             make_train_step(cfg, mesh, optimizer).lower(params, opt_state, batch).compile().memory_analysis()
@@ -207,22 +206,6 @@ def _parse_bytes(text: str) -> int:
     """XLA's human-readable sizes: "35.37G" -> bytes (binary units)."""
     units = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
     return int(float(text[:-1] if text[-1] in units else text) * 1024 ** units.get(text[-1], 0))
-
-
-def _mesh(mesh_cfg, devices: list):
-    """`lvm.sharding.make_mesh`, or (with a warning) a mesh that splits physical TPU axes where it cannot."""
-    try:
-        return make_mesh(mesh_cfg, devices), None
-    except NotImplementedError as err:
-        from jax.experimental import mesh_utils
-
-        grid = mesh_utils.create_device_mesh(mesh_cfg.sizes(), devices, allow_split_physical_axes=True)
-        mesh = Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
-        return (
-            mesh,
-            f"lvm.sharding.make_mesh cannot lay out mesh {mesh_cfg} on this topology ({_one_line(err)}); "
-            "planned with allow_split_physical_axes=True, which training needs too",
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,7 +266,7 @@ def plan(
     }
     if target.note:
         report["note"] = target.note
-    for key in ("warning", "compile_error"):
+    for key in ("compile_error",):
         if measured.get(key):
             report[key] = measured[key]
     if "usable_hbm_bytes" in measured:

@@ -49,10 +49,20 @@ RESIDUAL: LogicalAxes = ("batch", "seq", "act_embed")
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Mesh over axes (dp, fsdp, tp, sp) with classic (Auto) axis types; -1 absorbs the remaining devices."""
+    """Mesh over axes (dp, fsdp, tp, sp) with classic (Auto) axis types; -1 absorbs the remaining devices.
+
+    Where the physical topology has no axis of a requested size (e.g. tp=16 on a TPU v4 4x4x8 slice), the
+    mesh splits physical axes instead of failing (`allow_split_physical_axes`)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = cfg.resolve(len(devices)).sizes()
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    types = (AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_spec(axes: LogicalAxes) -> P:

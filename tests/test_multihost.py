@@ -27,10 +27,9 @@ STEPS, FIRST = 8, 4
 TIMEOUT_S = 300  # per launch; a warm compile cache needs a tenth of it
 # The 2k stage of the tiny curriculum at 1K tokens. A constant schedule makes the first leg (train.steps=4)
 # take the very steps of an 8-step run (a cosine schedule's shape would depend on train.steps).
-CONFIG = ["--config", "tiny", "--stage", "2k", "--no-progress"]
-for _kv in ("train.seq_len=1024", "data.synthetic_doc_len=1025", "train.schedule=constant"):
-    CONFIG += ["--set", _kv]
-CONFIG += ["--set", f"train.checkpoint_every={FIRST}"]
+SETTINGS = ("train.seq_len=1024", "data.synthetic_doc_len=1025", "train.schedule=constant")
+CONFIG = ["--config", "tiny", "--stage", "2k", "--no-progress", "--set", f"train.checkpoint_every={FIRST}"]
+CONFIG += [arg for kv in SETTINGS for arg in ("--set", kv)]
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -66,10 +65,13 @@ def train(workdir: Path, steps: int, mesh: str, processes: int) -> list[dict]:
             if p.poll() is None:
                 p.kill()
             p.wait()
+    failed = []  # every failed process's log tail: the first to fail may not be the first listed
     for i, p in enumerate(procs):
-        err = (logs / f"{tag}-{i}.err").read_text()
-        lines = [ln for ln in err.splitlines() if not ln.startswith("[Gloo]")]
-        assert p.returncode == 0, f"process {i} of {tag}: exit {p.returncode}\n" + "\n".join(lines[-40:])
+        if p.returncode != 0:
+            err = (logs / f"{tag}-{i}.err").read_text().splitlines()
+            tail = "\n".join([ln for ln in err if not ln.startswith("[Gloo]")][-30:])
+            failed.append(f"process {i} of {tag}: exit {p.returncode} (-9: stopped by the test)\n{tail}")
+    assert not failed, "\n\n".join(failed)
     return [json.loads((logs / f"{tag}-{i}.out").read_text().splitlines()[-1]) for i in range(processes)]
 
 

@@ -1,0 +1,93 @@
+"""Inference math: a KV cache filled by ring-attention prefill and extended step by step gives the logits of
+recomputing the full forward pass; sharded prefill equals unsharded prefill; sampling filters."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_mesh
+
+from lvm.config import load_config
+from lvm.model import Batch, batch_shardings, extend, forward, init_params, prefill
+
+PROMPT, PAD, MAX_LEN = 45, 64, 96
+
+
+def cfg_for(mesh_shape, *extra):
+    mesh = ",".join(map(str, mesh_shape))
+    return load_config(["model/tiny"], [f"mesh={mesh}", *extra])
+
+
+def sequence(seed, n, rows=2):
+    """Token rows with a vision span in the middle: ids and vision mask [rows, n]."""
+    rng = np.random.default_rng(seed)
+    vis = np.zeros((rows, n), bool)
+    vis[:, 10:30] = True
+    ids = np.where(vis, rng.integers(0, 512, (rows, n)), rng.integers(1, 512, (rows, n)))
+    return ids.astype(np.int32), vis
+
+
+def padded_batch(ids, vis, lengths, width):
+    rows = ids.shape[0]
+    tok = np.zeros((rows, width), np.int32)
+    vm = np.zeros((rows, width), bool)
+    seg = np.zeros((rows, width), np.int32)
+    for r, n in enumerate(lengths):
+        tok[r, :n], vm[r, :n], seg[r, :n] = ids[r, :n], vis[r, :n], 1
+    pos = np.tile(np.arange(width, dtype=np.int32), (rows, 1))
+    zeros = np.zeros_like(tok)
+    return Batch(tok, vm, pos, seg, zeros, vm, zeros.astype(np.float32))
+
+
+def full_logits(params, ids, vis, cfg, mesh):
+    n = ids.shape[1]
+    seg = np.ones_like(ids)
+    pos = np.tile(np.arange(n, dtype=np.int32), (ids.shape[0], 1))
+    batch = Batch(ids, vis, pos, seg, np.zeros_like(ids), vis, np.zeros(ids.shape, np.float32))
+    return [np.asarray(x) for x in forward(params, jax.device_put(batch, batch_shardings(mesh)), cfg, mesh)]
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1, 4), (1, 1, 2, 2)])
+def test_cached_decoding_gives_the_logits_of_the_full_forward_pass(mesh_shape):
+    cfg = cfg_for(mesh_shape)
+    mesh = make_mesh(mesh_shape)
+    params = init_params(cfg, mesh, jax.random.key(0))
+    total = 80
+    ids, vis = sequence(1, total)
+    lengths = np.array([PROMPT, PROMPT - 7])  # prompts of different lengths in one batch
+    batch = jax.device_put(padded_batch(ids, vis, lengths, PAD), batch_shardings(mesh))
+    text, vision, cache = jax.jit(prefill, static_argnums=(3, 4, 5))(
+        params, batch, jnp.asarray(lengths), cfg, mesh, MAX_LEN
+    )
+    ref_text, ref_vision = full_logits(params, ids, vis, cfg, mesh)
+    rows = np.arange(2)
+    np.testing.assert_allclose(text, ref_text[rows, lengths - 1], rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(vision, ref_vision[rows, lengths - 1], rtol=2e-4, atol=2e-5)
+    step = jax.jit(extend, static_argnums=(4, 5))
+    for t in range(12):  # one token per step, then a 4-token chunk
+        width = 1 if t < 8 else 4
+        if t >= 8 and (t - 8) % 4:
+            continue
+        at = lengths[:, None] + np.arange(width)  # the next tokens of each row (teacher forced)
+        new_ids, new_vis = ids[rows[:, None], at], vis[rows[:, None], at]
+        text, vision, cache = step(params, cache, jnp.asarray(new_ids), jnp.asarray(new_vis), cfg, mesh)
+        np.testing.assert_allclose(text, ref_text[rows[:, None], at], rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(vision, ref_vision[rows[:, None], at], rtol=2e-4, atol=2e-5)
+        lengths = lengths + width
+    assert np.array_equal(np.asarray(cache.length), lengths)
+
+
+def test_sharded_prefill_equals_unsharded_prefill():
+    ids, vis = sequence(2, PAD)
+    lengths = np.array([PROMPT, PAD])
+    results = []
+    for shape in ((1, 1, 1, 1), (1, 1, 1, 4)):
+        cfg, mesh = cfg_for(shape), make_mesh(shape)
+        params = init_params(cfg, mesh, jax.random.key(3))
+        batch = jax.device_put(padded_batch(ids, vis, lengths, PAD), batch_shardings(mesh))
+        text, vision, cache = prefill(params, batch, jnp.asarray(lengths), cfg, mesh, MAX_LEN)
+        if shape[3] == 4:
+            assert cache.k.sharding.spec[2] == "sp"  # the cache's sequence axis stays sharded
+        results.append([np.asarray(x) for x in (text, vision, cache.k, cache.v)])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
