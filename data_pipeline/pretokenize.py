@@ -148,6 +148,7 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
         "manifest": cfg.manifest,
         "manifest_lines": len(lines),
         "text_tokenizer": os.path.abspath(cfg.text_tokenizer),
+        "vqgan": os.path.abspath(cfg.vqgan) if cfg.vqgan else None,
         "text_vocab_size": codec.vocab_size,
         "vision_n_codes": vocab.n_codes,
         "vision_vocab_size": vocab.size,

@@ -17,6 +17,8 @@ COMMANDS = {
     "train": "lvm.commands.train",
     "curriculum": "lvm.commands.curriculum",
     "export": "lvm.commands.export",
+    "qa": "lvm.commands.qa",
+    "generate": "lvm.commands.generate",
 }
 
 

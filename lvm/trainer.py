@@ -50,6 +50,7 @@ from lvm.optim import learning_rate, make_optimizer
 from lvm.provenance import run_record
 from lvm.sharding import make_mesh, replicated
 
+TOKENIZERS_FILE = "tokenizers.json"  # absolute paths of the SentencePiece model and VQGAN the data used
 SHAPE_KEYS = ("text_vocab_size", "vision_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads")
 SHAPE_KEYS += ("head_dim", "mlp_dim")
 
@@ -191,6 +192,9 @@ class Trainer:
         if not _is_main():
             return
         (self.workdir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        tokenizers = {k: c.header.get(k) for c in self.loader.corpora for k in ("text_tokenizer", "vqgan")}
+        if any(tokenizers.values()):  # what inference needs to read this model's tokens
+            (self.workdir / TOKENIZERS_FILE).write_text(json.dumps(tokenizers, indent=1))
         path = self.workdir / "run.json"
         runs = json.loads(path.read_text()) if path.is_file() else {"starts": []}
         runs["starts"].append({**run_record(), "step": self.checkpoints.latest_step() or 0})

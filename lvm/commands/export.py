@@ -7,7 +7,9 @@ import json
 
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", required=True, help="training run folder (its newest checkpoint)")
-    parser.add_argument("--out", required=True, help="output folder: params/ (Orbax) + config.yaml")
+    parser.add_argument("--out", required=True, help="output folder: params/ (Orbax), config.yaml, tokenizers.json")
+    parser.add_argument("--text-tokenizer", help="SentencePiece model (default: the one the training data used)")
+    parser.add_argument("--vqgan", help="VQGAN workdir (default: the one the training data used)")
 
 
 def run(args) -> int:
@@ -19,8 +21,9 @@ def run(args) -> int:
 
     from lvm import checkpoint
     from lvm.config import MeshConfig, config_from_dict, config_to_dict
+    from lvm.inference import read_tokenizers
     from lvm.sharding import make_mesh
-    from lvm.trainer import load_params
+    from lvm.trainer import TOKENIZERS_FILE, load_params
 
     workdir = Path(args.workdir)
     if not (workdir / "config.yaml").is_file():
@@ -33,7 +36,12 @@ def run(args) -> int:
     params = load_params(workdir, cfg, mesh)
     out = Path(args.out)
     path = checkpoint.export_params(params, out)
+    tokenizers = read_tokenizers(workdir)
+    for key, value in (("text_tokenizer", args.text_tokenizer), ("vqgan", args.vqgan)):
+        if value:
+            tokenizers[key] = str(Path(value).resolve())
     if jax.process_index() == 0:
         (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    print(json.dumps({"params": path, "config": str(out / "config.yaml")}))
+        (out / TOKENIZERS_FILE).write_text(json.dumps(tokenizers, indent=1))
+    print(json.dumps({"params": path, "config": str(out / "config.yaml"), **tokenizers}))
     return 0

@@ -1,0 +1,273 @@
+"""The Python API under `lvm qa`, `lvm generate` and the evals: load a checkpoint, ask about a video, generate.
+
+    model = load_model("runs/demo/export")            # params + config + the tokenizers it was trained with
+    video = model.read_video("clip.mp4")              # frames sampled to fit the context, VQGAN codes
+    ctx = model.video_context(video)                  # the video-first prompt prefix, prefilled once
+    model.answer(ctx, "What colour was the square?")  # any number of questions reuse ctx's KV cache
+
+A checkpoint folder is a training workdir (newest checkpoint) or an `lvm export` folder. Either holds
+`tokenizers.json` with the absolute paths of the SentencePiece model and VQGAN workdir it was trained with
+(`lvm export --text-tokenizer/--vqgan` or the training corpora's headers set them); arguments override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from lvm.config import Config, MeshConfig, config_from_dict
+from lvm.generation import Generator, Sampling, generate_text, generate_vision
+from lvm.model import KVCache
+from lvm.tokenizers import format as fmt
+from lvm.trainer import TOKENIZERS_FILE
+
+GREEDY = Sampling()
+SAMPLED = Sampling(temperature=1.0, top_k=100)
+
+
+def read_tokenizers(folder: str | Path) -> dict:
+    path = Path(folder) / TOKENIZERS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@dataclasses.dataclass
+class VideoContext:
+    """A video-first prompt prefix and its prefilled KV cache (reused by every question about the video)."""
+
+    codes: np.ndarray  # [T, h, w]
+    prefix_len: int
+    cache: KVCache
+    room: int  # free cache slots after the prefix
+
+
+class Model:
+    """A trained model ready for inference on this host's devices (sequence-parallel over all of them)."""
+
+    def __init__(self, checkpoint: str | Path, *, text_tokenizer=None, vqgan=None, mesh: str | None = None):
+        import jax
+        import yaml
+
+        from lvm.sharding import make_mesh
+        from lvm.tokenizers.text import SentencePieceTokenizer
+        from lvm.trainer import load_params
+
+        folder = Path(checkpoint)
+        if not (folder / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"no checkpoint at {folder}: give a training workdir or an `lvm export` folder (with config.yaml)"
+            )
+        cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+        mesh_cfg = MeshConfig.parse(mesh) if mesh else MeshConfig(1, 1, 1, -1)
+        cfg = dataclasses.replace(cfg, mesh=mesh_cfg.resolve(jax.device_count()))
+        cfg.check_devices(jax.device_count())
+        self.cfg: Config = cfg
+        self.mesh = make_mesh(cfg.mesh)
+        self.params = load_params(folder, cfg, self.mesh)
+        self.generator = Generator(self.params, cfg, self.mesh)
+        paths = read_tokenizers(folder)
+        text_tokenizer = text_tokenizer or paths.get("text_tokenizer")
+        if not text_tokenizer:
+            raise FileNotFoundError(
+                f"{folder} names no text tokenizer ({TOKENIZERS_FILE}); pass text_tokenizer"
+            )
+        self.codec = SentencePieceTokenizer(text_tokenizer)
+        self.vqgan_path = vqgan or paths.get("vqgan")
+        self._vqgan = None
+        self.context = cfg.train.seq_len  # the length the model was trained at
+
+    # Tokenizers ------------------------------------------------------------------------------------------------
+
+    @property
+    def vqgan(self):
+        if self._vqgan is None:
+            if not self.vqgan_path:
+                raise FileNotFoundError("this checkpoint names no VQGAN (tokenizers.json); pass vqgan")
+            from lvm.tokenizers.train_vqgan import load_tokenizer
+
+            self._vqgan = load_tokenizer(self.vqgan_path)
+        return self._vqgan
+
+    @property
+    def vocab(self) -> fmt.VisionVocab:
+        n_codes = self.vqgan.cfg.codebook_size
+        return fmt.VisionVocab(n_codes=n_codes, n_reserved=self.cfg.model.vision_vocab_size - n_codes)
+
+    def tokens(self, doc: fmt.Document) -> fmt.TokenRecord:
+        return fmt.build(doc, self.codec, self.vocab)
+
+    def frame_tokens(self) -> int:
+        h, w = self.vqgan.code_shape
+        return h * w + 1  # codes + <eof>/<eov>
+
+    def frames_that_fit(self, reserve: int) -> int:
+        """Frames a video-first prompt can hold with `reserve` tokens left for question and answer."""
+        one = self.tokens(fmt.video_first_prefix(fmt.Video(np.zeros((1, *self.vqgan.code_shape), np.int32))))
+        overhead = len(one) - self.frame_tokens()
+        return max(0, (self.context - overhead - reserve) // self.frame_tokens())
+
+    def read_video(
+        self,
+        uri: str,
+        *,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        max_frames: int | None = None,
+        reserve: int = 256,
+    ) -> np.ndarray:
+        """VQGAN codes [T, h, w] of a video file or gs:// URI. By default as many frames as fit the context
+        (with `reserve` tokens for question and answer), evenly over the video; fps / num_frames /
+        max_frames override."""
+        from lvm.data_pipeline.decode import DecodeConfig, Decoder
+
+        if fps is None and num_frames is None:
+            num_frames = self.frames_that_fit(reserve)
+            if num_frames < 1:
+                raise ValueError(
+                    f"no frame fits the model's context of {self.context} tokens with {reserve} reserved"
+                )
+        decode_cfg = DecodeConfig(
+            resolution=self.vqgan.cfg.resolution,
+            fps=fps or 1.0,
+            num_frames=num_frames,
+            max_frames=max_frames,
+        )
+        with Decoder(decode_cfg) as decoder:
+            codes = [self.vqgan.encode(chunk.frames) for chunk in decoder.frames(uri)]
+        if not codes:
+            raise ValueError(f"no frames could be sampled from {uri}")
+        return np.concatenate(codes)
+
+    # Question answering ----------------------------------------------------------------------------------------
+
+    def video_context(self, codes: np.ndarray, room: int = 256) -> VideoContext:
+        """Prefill the video-first prefix of `codes` once; `room` tokens are kept for question + answer."""
+        rec = self.tokens(fmt.video_first_prefix(fmt.Video(codes)))
+        self._check_length(len(rec) + room, f"a video of {len(codes)} frames plus {room} tokens of room")
+        _, _, cache = self.generator.prefill([(rec.tokens, rec.vision_mask)], room)
+        return VideoContext(codes, len(rec), cache, room)
+
+    def _question_tokens(self, ctx: VideoContext, question: str) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens after the shared prefix of `video_first_chat(question)` (ending with 'ASSISTANT:')."""
+        rec = self.tokens(fmt.video_first_chat(question, fmt.Video(ctx.codes)))
+        return rec.tokens[ctx.prefix_len :], rec.vision_mask[ctx.prefix_len :]
+
+    def _check_length(self, n: int, what: str) -> None:
+        if n > self.context:
+            raise ValueError(
+                f"the prompt needs {n} tokens ({what}) but the model's context is {self.context}; "
+                "sample fewer frames (--max-frames / --fps), shorten the question or lower --max-new-tokens"
+            )
+
+    def _ask(self, ctx: VideoContext, question: str, extra: int):
+        ids, vis = self._question_tokens(ctx, question)
+        self._check_length(ctx.prefix_len + len(ids) + extra, f"video prefix {ctx.prefix_len} + question")
+        if len(ids) + extra > ctx.room:
+            raise ValueError(
+                f"question + answer need {len(ids) + extra} tokens but the video context keeps {ctx.room}; "
+                "build it with a larger room"
+            )
+        text, _, cache = self.generator.extend_chunked(ctx.cache, ids[None], vis[None])
+        return text[0, -1], cache
+
+    def answer(
+        self,
+        ctx: VideoContext,
+        question: str,
+        *,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        seed: int = 0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """The model's answer to `question` about the video of `ctx`; `on_text` receives text as it comes."""
+        logits, cache = self._ask(ctx, question, max_new_tokens)
+        ids: list[int] = []
+        shown = [""]
+
+        def stream(_row, token):
+            ids.append(token)
+            text = self.codec.decode(ids, continuation=True)
+            if on_text and len(text) > len(shown[0]):
+                on_text(text[len(shown[0]) :])
+                shown[0] = text
+
+        out = generate_text(
+            self.generator, cache, logits[None], max_new_tokens, self.codec.eos_id, sampling, seed, stream
+        )
+        return self.codec.decode(out[0], continuation=True).strip()
+
+    def option_logprobs(self, ctx: VideoContext, question: str, options: list[str]) -> list[float]:
+        """Log-likelihood of each answer text " {option}" after the question (summed over its tokens)."""
+        scores = []
+        for option in options:
+            answer = self.codec.encode(f" {option}", continuation=True)
+            logits, cache = self._ask(ctx, question, len(answer))
+            text, _, _ = (
+                self.generator.extend_chunked(
+                    cache, np.asarray(answer)[None, :-1], np.zeros((1, len(answer) - 1), bool)
+                )
+                if len(answer) > 1
+                else (np.zeros((1, 0, logits.shape[-1])), None, None)
+            )
+            all_logits = np.concatenate([logits[None], text[0]], axis=0)  # predictors of answer[0..n-1]
+            logp = all_logits - _logsumexp(all_logits)
+            scores.append(float(np.sum(logp[np.arange(len(answer)), answer])))
+        return scores
+
+    # Generation ------------------------------------------------------------------------------------------------
+
+    def generate_text(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 64,
+        sampling: Sampling = GREEDY,
+        seed: int = 0,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """Continue a text prompt."""
+        ids = np.asarray(self.codec.encode_pieces([prompt]))
+        self._check_length(len(ids) + max_new_tokens, "prompt + new tokens")
+        text, _, cache = self.generator.prefill([(ids, np.zeros(len(ids), bool))], max_new_tokens)
+        out = generate_text(self.generator, cache, text, max_new_tokens, self.codec.eos_id, sampling, seed)
+        result = self.codec.decode(out[0], continuation=True)
+        if on_text:
+            on_text(result)
+        return result
+
+    def generate_video(
+        self,
+        prompt: str,
+        frames: int = 1,
+        *,
+        guidance: float | None = 3.0,
+        sampling: Sampling = SAMPLED,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """uint8 frames [frames, H, W, 3] generated from a text prompt `<s>{prompt}<vision>` (an image when
+        frames is 1). With `guidance`, classifier-free guidance against the unconditional `<s><vision>`."""
+        cond = self.codec.encode_pieces([prompt, fmt.VISION_START])
+        rows = [cond] + ([self.codec.encode_pieces(["", fmt.VISION_START])] if guidance is not None else [])
+        per_frame = self.frame_tokens()
+        self._check_length(len(cond) + frames * per_frame, f"prompt + {frames} frames")
+        prompts = [(np.asarray(r), np.zeros(len(r), bool)) for r in rows]
+        _, vision, cache = self.generator.prefill(prompts, frames * per_frame)
+        h, w = self.vqgan.code_shape
+        codes = generate_vision(
+            self.generator, cache, vision, frames, h * w, self.vocab.n_codes, sampling, guidance, seed
+        )
+        return self.vqgan.decode(codes[0].reshape(frames, h, w))
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def load_model(checkpoint: str | Path, **kwargs) -> Model:
+    """A `Model` from a training workdir or `lvm export` folder (see the module docstring)."""
+    return Model(checkpoint, **kwargs)
