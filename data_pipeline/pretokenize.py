@@ -5,7 +5,12 @@ Manifest lines (one JSON object each; relative video paths are relative to the m
     {"text": "..."}                                                  a text document (every token a target)
     {"video": "clip.mp4", "caption": "..."}                          <s><vision>..</vision>caption</s>
     {"video": "gs://b/v.mp4", "qa": [{"question": "..", "answer": ".."}, ...]}   chat, answers are targets
+    {"video": "clip.mp4", "prompt": "..."}                           <s>prompt<vision>..</vision></s>: text to video,
+                                                                     the video is the target
     optional: "id" (default: the line number), "video_loss" (weight of the video's tokens, default --video-loss)
+
+For classifier-free guidance, a text-to-video example drops its prompt (becoming unconditional,
+`<s><vision>..</vision></s>`) with probability `uncond_prob`, decided by a seeded draw per manifest line.
 
 Chat documents use `video_first_chat` (or LWM's question-first `lwm_chat` with template "lwm"); later turns
 continue as ` USER: {question} ASSISTANT: {answer}`.
@@ -45,6 +50,7 @@ class PretokenizeConfig:
     process_count: int = 1
     template: str = "video_first"  # or "lwm"
     video_loss: float = 0.0
+    uncond_prob: float = 0.0  # share of text-to-video examples whose prompt is dropped (for guidance)
     cache_dir: str | None = None
     cache_bytes: int = 8 << 30
     decode_timeout_s: float = 600.0
@@ -57,6 +63,8 @@ class PretokenizeConfig:
             raise ValueError(
                 f"need 0 <= process_index < process_count, got {self.process_index}, {self.process_count}"
             )
+        if not 0 <= self.uncond_prob <= 1:
+            raise ValueError(f"uncond_prob must lie in [0, 1], got {self.uncond_prob}")
         if self.template not in ("video_first", "lwm"):
             raise ValueError(f"template must be 'video_first' or 'lwm', got {self.template!r}")
 
@@ -73,8 +81,17 @@ def resolve(video: str, manifest: str) -> str:
     return storage.join(storage.dirname(manifest), video)
 
 
+def drops_prompt(line_no: int, uncond_prob: float) -> bool:
+    """Whether manifest line `line_no`'s text-to-video prompt is dropped (seeded by the line, so reruns agree)."""
+    return uncond_prob > 0 and np.random.default_rng([7, line_no]).random() < uncond_prob
+
+
 def document(
-    example: dict[str, Any], codes: np.ndarray | None, template: str, video_loss: float
+    example: dict[str, Any],
+    codes: np.ndarray | None,
+    template: str,
+    video_loss: float,
+    drop_prompt: bool = False,
 ) -> fmt.Document:
     """The token document of one manifest example (`codes` `[T, h, w]` for a video example)."""
     if "video" not in example:
@@ -82,6 +99,12 @@ def document(
         if not isinstance(text, str) or not text:
             raise ValueError("a line needs a non-empty 'text' or a 'video'")
         return fmt.Document((fmt.Text(text, 1.0),), bos=True, eos=True)
+    if "prompt" in example:
+        prompt = example["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError("'prompt' must be a string")
+        segments = (fmt.Text("" if drop_prompt else prompt), fmt.Video(codes, 1.0))
+        return fmt.Document(segments, bos=True, eos=True)
     video = fmt.Video(codes, float(example.get("video_loss", video_loss)))
     if "qa" in example:
         turns = example["qa"]
@@ -209,7 +232,9 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
                             decoder, tokenizer, resolve(example["video"], cfg.manifest), progress
                         )
                         frames_total += len(codes)
-                    record = fmt.build(document(example, codes, cfg.template, cfg.video_loss), codec, vocab)
+                    drop = drops_prompt(line_no, cfg.uncond_prob)
+                    doc = document(example, codes, cfg.template, cfg.video_loss, drop)
+                    record = fmt.build(doc, codec, vocab)
                 except (DecodeError, ValueError, KeyError, TypeError) as err:
                     reason = str(err) if isinstance(err, DecodeError) else f"{type(err).__name__}: {err}"
                     failures.append(

@@ -121,7 +121,7 @@ class Model:
         """VQGAN codes [T, h, w] of a video file or gs:// URI. By default as many frames as fit the context
         (with `reserve` tokens for question and answer), evenly over the video; fps / num_frames /
         max_frames override."""
-        from lvm.data_pipeline.decode import DecodeConfig, Decoder
+        from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder
 
         if fps is None and num_frames is None:
             num_frames = self.frames_that_fit(reserve)
@@ -135,8 +135,11 @@ class Model:
             num_frames=num_frames,
             max_frames=max_frames,
         )
-        with Decoder(decode_cfg) as decoder:
-            codes = [self.vqgan.encode(chunk.frames) for chunk in decoder.frames(uri)]
+        try:
+            with Decoder(decode_cfg) as decoder:
+                codes = [self.vqgan.encode(chunk.frames) for chunk in decoder.frames(uri)]
+        except DecodeError as err:
+            raise ValueError(f"cannot read the video {uri}: {err}") from None
         if not codes:
             raise ValueError(f"no frames could be sampled from {uri}")
         return np.concatenate(codes)
@@ -239,7 +242,7 @@ class Model:
             on_text(result)
         return result
 
-    def generate_video(
+    def generate_codes(
         self,
         prompt: str,
         frames: int = 1,
@@ -248,8 +251,8 @@ class Model:
         sampling: Sampling = SAMPLED,
         seed: int = 0,
     ) -> np.ndarray:
-        """uint8 frames [frames, H, W, 3] generated from a text prompt `<s>{prompt}<vision>` (an image when
-        frames is 1). With `guidance`, classifier-free guidance against the unconditional `<s><vision>`."""
+        """VQGAN codes [frames, h, w] generated from a text prompt `<s>{prompt}<vision>` (an image when frames
+        is 1). With `guidance`, classifier-free guidance against the unconditional prompt `<s><vision>`."""
         cond = self.codec.encode_pieces([prompt, fmt.VISION_START])
         rows = [cond] + ([self.codec.encode_pieces(["", fmt.VISION_START])] if guidance is not None else [])
         per_frame = self.frame_tokens()
@@ -260,7 +263,11 @@ class Model:
         codes = generate_vision(
             self.generator, cache, vision, frames, h * w, self.vocab.n_codes, sampling, guidance, seed
         )
-        return self.vqgan.decode(codes[0].reshape(frames, h, w))
+        return codes[0].reshape(frames, h, w)
+
+    def generate_video(self, prompt: str, frames: int = 1, **kwargs) -> np.ndarray:
+        """uint8 frames [frames, H, W, 3] from a text prompt (see `generate_codes` for the arguments)."""
+        return self.vqgan.decode(self.generate_codes(prompt, frames, **kwargs))
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

@@ -40,10 +40,11 @@ def trained(tmp_path_factory):
         name = list(COLOURS)[i % 2]
         colour_video(root / f"v{i}.mp4", COLOURS[name], seed=i)
         lines.append({"video": f"v{i}.mp4", "qa": [{"question": QUESTION, "answer": f"{name}."}]})
+        lines.append({"video": f"v{i}.mp4", "prompt": f"a {name.lower()} video"})  # text to video
     (root / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     run_command("pretokenize", ["--manifest", str(root / "manifest.jsonl"), "--output", str(root / "corpus"),
                                 "--vqgan", str(root / "vqgan"), "--text-tokenizer", tok.model_file,
-                                "--num-frames", "2", "--no-progress"])  # fmt: skip
+                                "--num-frames", "2", "--uncond-prob", "0.25", "--no-progress"])  # fmt: skip
     sets = ["mesh=1,8,1,1", "train.seq_len=256", "train.batch_size=8", "train.steps=60", "train.lr=1e-2",
             "train.warmup_steps=5", f"data.train=[{root / 'corpus'}]", "train.checkpoint_every=60"]  # fmt: skip
     argv = ["--config", "model/tiny", "--workdir", str(root / "run"), "--no-progress"]

@@ -91,3 +91,46 @@ def test_sharded_prefill_equals_unsharded_prefill():
         results.append([np.asarray(x) for x in (text, vision, cache.k, cache.v)])
     for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+
+
+def test_greedy_cached_generation_picks_the_tokens_of_full_recomputation():
+    from lvm.generation import Generator, generate_text
+
+    cfg, mesh = cfg_for((1, 1, 1, 4)), make_mesh((1, 1, 1, 4))
+    params = init_params(cfg, mesh, jax.random.key(4))
+    ids, vis = sequence(5, 30, rows=1)
+    gen = Generator(params, cfg, mesh)
+    text, _, cache = gen.prefill([(ids[0], vis[0])], room=16)
+    got = generate_text(gen, cache, text, 10, eos_id=-1)[0]
+    seq_ids, seq_vis = ids, vis
+    expected = []
+    for _ in range(10):  # recompute the whole forward pass for every new token
+        n = seq_ids.shape[1]
+        batch = padded_batch(seq_ids, seq_vis, [n], 64)  # causal: the padding after n changes nothing
+        logits = forward(params, jax.device_put(batch, batch_shardings(mesh)), cfg, mesh)[0]
+        expected.append(int(np.argmax(np.asarray(logits)[0, n - 1])))
+        seq_ids = np.concatenate([seq_ids, [[expected[-1]]]], axis=1).astype(np.int32)
+        seq_vis = np.concatenate([seq_vis, [[False]]], axis=1)
+    assert got == expected
+
+
+def test_sampling_filters_and_vision_frames():
+    from lvm.generation import Generator, Sampling, filter_logits, generate_vision, sample
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda s: np.isfinite(np.asarray(filter_logits(logits, s)))[0].tolist()
+    assert kept(Sampling(1.0, top_k=2)) == [True, True, False, False]
+    assert kept(Sampling(1.0, top_p=0.7)) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.7
+    assert kept(Sampling(1.0, top_p=0.9)) == [True, True, True, False]
+    draws = [int(sample(jax.random.key(i), logits, Sampling(1.0, top_k=2))[0]) for i in range(200)]
+    assert set(draws) == {0, 1} and 0.45 < draws.count(0) / 200 < 0.8
+    with pytest.raises(ValueError):
+        Sampling(top_p=0)
+
+    cfg, mesh = cfg_for((1, 1, 1, 2)), make_mesh((1, 1, 1, 2))
+    params = init_params(cfg, mesh, jax.random.key(6))
+    gen = Generator(params, cfg, mesh)
+    prompt = (np.array([1, 2, 3], np.int32), np.zeros(3, bool))
+    _, vision, cache = gen.prefill([prompt, prompt], room=3 * 5)
+    codes = generate_vision(gen, cache, vision, 3, 4, n_codes=256, sampling=Sampling(1.0), guidance=2.0)
+    assert codes.shape == (1, 3, 4) and codes.min() >= 0 and codes.max() < 256  # never <eof>/<eov> inside

@@ -22,7 +22,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="training workdir or `lvm export` folder")
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--output", help="PNG (one frame) or mp4 to write; without it, text is generated")
-    parser.add_argument("--frames", type=int, default=1, help="frames of video to generate (default: 1, an image)")
+    parser.add_argument(
+        "--frames", type=int, default=1, help="frames of video to generate (default: 1, an image)"
+    )
     parser.add_argument("--fps", type=float, default=4.0, help="frame rate of a written mp4")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (0: off)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="text generation length limit")

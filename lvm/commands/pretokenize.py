@@ -31,6 +31,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--video-loss", type=float, default=0.0, help="loss weight of video tokens")
     parser.add_argument(
+        "--uncond-prob",
+        type=float,
+        default=0.0,
+        help="share of text-to-video examples trained without their prompt (classifier-free guidance)",
+    )
+    parser.add_argument(
         "--cache-dir", help="local folder for gs:// videos being decoded (default: a temp folder)"
     )
     parser.add_argument(
@@ -58,6 +64,7 @@ def run(args) -> int:
         process_count=args.process_count,
         template=args.template,
         video_loss=args.video_loss,
+        uncond_prob=args.uncond_prob,
         cache_dir=args.cache_dir,
         cache_bytes=int(args.cache_gb * (1 << 30)),
         decode_timeout_s=args.decode_timeout,

@@ -13,11 +13,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--video", required=True, help="video file or gs:// URI")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--question", help="one question")
-    group.add_argument("--questions", help='JSONL file of {"question": ...} lines (the video is encoded once)')
-    parser.add_argument("--fps", type=float, help="sample frames at this rate (default: as many as fit, evenly)")
+    group.add_argument(
+        "--questions", help='JSONL file of {"question": ...} lines (the video is encoded once)'
+    )
+    parser.add_argument(
+        "--fps", type=float, help="sample frames at this rate (default: as many as fit, evenly)"
+    )
     parser.add_argument("--num-frames", type=int, help="sample exactly this many frames, evenly")
     parser.add_argument("--max-frames", type=int, help="at most this many frames")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default: %(default)s)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="answer length limit (default: %(default)s)"
+    )
     parser.add_argument("--mesh", help="dp,fsdp,tp,sp for inference (default: sp over all devices)")
     parser.add_argument("--text-tokenizer", help="override the checkpoint's SentencePiece model")
     parser.add_argument("--vqgan", help="override the checkpoint's VQGAN workdir")
