@@ -19,6 +19,9 @@ COMMANDS = {
     "export": "lvm.commands.export",
     "qa": "lvm.commands.qa",
     "generate": "lvm.commands.generate",
+    "demo": "lvm.commands.demo",
+    "eval-qa": "lvm.commands.eval_qa",
+    "eval-needle": "lvm.commands.eval_needle",
 }
 
 

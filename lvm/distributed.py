@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax
-
 
 def add_arguments(parser) -> None:
     """The multi-host flags shared by `lvm train` and `lvm curriculum`."""
@@ -22,6 +20,8 @@ def add_arguments(parser) -> None:
 
 def initialize(args) -> None:
     """Start jax.distributed as the flags ask; a single process needs none of them."""
+    import jax  # not at module level: `lvm` builds every command's parser before any command runs
+
     if args.coordinator:
         if args.num_processes is None or args.process_id is None:
             raise ValueError("--coordinator needs --num-processes and --process-id")

@@ -205,21 +205,29 @@ class Model:
 
     def option_logprobs(self, ctx: VideoContext, question: str, options: list[str]) -> list[float]:
         """Log-likelihood of each answer text " {option}" after the question (summed over its tokens)."""
-        scores = []
-        for option in options:
-            answer = self.codec.encode(f" {option}", continuation=True)
-            logits, cache = self._ask(ctx, question, len(answer))
-            text, _, _ = (
-                self.generator.extend_chunked(
-                    cache, np.asarray(answer)[None, :-1], np.zeros((1, len(answer) - 1), bool)
-                )
-                if len(answer) > 1
-                else (np.zeros((1, 0, logits.shape[-1])), None, None)
-            )
-            all_logits = np.concatenate([logits[None], text[0]], axis=0)  # predictors of answer[0..n-1]
-            logp = all_logits - _logsumexp(all_logits)
-            scores.append(float(np.sum(logp[np.arange(len(answer)), answer])))
-        return scores
+        answers = [self.codec.encode(f" {option}", continuation=True) for option in options]
+        logits, cache = self._ask(ctx, question, max(len(a) for a in answers))
+        return [self._answer_logprob(logits, cache, a) for a in answers]
+
+    def question_only_logprobs(self, question: str, options: list[str]) -> list[float]:
+        """`option_logprobs` for the chat prompt without any video (a baseline: what the text alone implies)."""
+        from lvm.tokenizers.format import SYSTEM_PROMPT
+
+        rec = self.tokens(fmt.Document((fmt.Text(f"{SYSTEM_PROMPT} USER: \n{question} ASSISTANT:"),)))
+        answers = [self.codec.encode(f" {option}", continuation=True) for option in options]
+        text, _, cache = self.generator.prefill([(rec.tokens, rec.vision_mask)], max(len(a) for a in answers))
+        return [self._answer_logprob(text[0], cache, a) for a in answers]
+
+    def _answer_logprob(self, logits: np.ndarray, cache: KVCache, answer: list[int]) -> float:
+        """log p(answer | prompt) from the prompt's last logits [V] and its cache (left unchanged)."""
+        rows = [logits[None]]
+        if len(answer) > 1:
+            ids = np.asarray(answer)[None, :-1]
+            text, _, _ = self.generator.extend_chunked(cache, ids, np.zeros(ids.shape, bool))
+            rows.append(text[0])
+        predictors = np.concatenate(rows, axis=0)  # row i predicts answer[i]
+        logp = predictors - _logsumexp(predictors)
+        return float(np.sum(logp[np.arange(len(answer)), answer]))
 
     # Generation ------------------------------------------------------------------------------------------------
 

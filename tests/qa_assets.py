@@ -2,17 +2,16 @@
 `lvm pretokenize`, and a tiny model trained to tell red videos from blue ones (`trained` fixture)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lvm.cli import run_command
+from lvm.demo.corpus import TEXT_CORPUS
 from lvm.tokenizers import synthetic, text, train_vqgan
 from lvm.tokenizers.config import load_config as load_vqgan_config
 from lvm.tokenizers.vqgan import init_variables
 
-DATA = Path(__file__).parent / "data"
 COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}
 QUESTION = "What colour is the video?"
 
@@ -34,7 +33,7 @@ def trained(tmp_path_factory):
     mngr.save(0, args=args)
     mngr.wait_until_finished()
     mngr.close()
-    tok = text.train(DATA / "kjv_genesis.txt", 400, root / "sp")
+    tok = text.train(TEXT_CORPUS, 400, root / "sp")
     lines = []
     for i in range(16):
         name = list(COLOURS)[i % 2]
@@ -45,8 +44,8 @@ def trained(tmp_path_factory):
     run_command("pretokenize", ["--manifest", str(root / "manifest.jsonl"), "--output", str(root / "corpus"),
                                 "--vqgan", str(root / "vqgan"), "--text-tokenizer", tok.model_file,
                                 "--num-frames", "2", "--uncond-prob", "0.25", "--no-progress"])  # fmt: skip
-    sets = ["mesh=1,8,1,1", "train.seq_len=256", "train.batch_size=8", "train.steps=60", "train.lr=1e-2",
-            "train.warmup_steps=5", f"data.train=[{root / 'corpus'}]", "train.checkpoint_every=60"]  # fmt: skip
+    sets = ["mesh=1,8,1,1", "train.seq_len=256", "train.batch_size=8", "train.steps=100", "train.lr=1e-2",
+            "train.warmup_steps=5", f"data.train=[{root / 'corpus'}]", "train.checkpoint_every=100"]  # fmt: skip
     argv = ["--config", "model/tiny", "--workdir", str(root / "run"), "--no-progress"]
     assert run_command("train", [*argv, *[a for s in sets for a in ("--set", s)]]) == 0
     run_command("export", ["--workdir", str(root / "run"), "--out", str(root / "export")])

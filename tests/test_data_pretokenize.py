@@ -17,13 +17,13 @@ from lvm.data_pipeline.decode import DecodeConfig, Decoder
 from lvm.data_pipeline.pretokenize import PretokenizeConfig
 from lvm.data_pipeline.pretokenize import run as pretokenize
 from lvm.data_pipeline.shards import Corpus, ShardData
+from lvm.demo.corpus import TEXT_CORPUS
 from lvm.tokenizers import format as fmt
 from lvm.tokenizers import text, train_vqgan
 from lvm.tokenizers.config import load_config
 from lvm.tokenizers.vqgan import init_variables
 
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
-DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def assets(tmp_path_factory):
     )
     mngr.wait_until_finished()
     mngr.close()
-    tok = text.train(os.path.join(DATA, "kjv_genesis.txt"), 400, root / "sp")
+    tok = text.train(TEXT_CORPUS, 400, root / "sp")
     lines = [
         {"text": "In the beginning God created the heaven and the earth."},
         {"video": "videos/small_8fps.mp4", "caption": "Discs move over stripes.", "id": "cap"},

@@ -1,6 +1,5 @@
 """SentencePiece wrapper: trained on a real corpus (KJV Genesis), sequence-safe joining, no mid-sequence BOS/EOS."""
 
-import pathlib
 
 import numpy as np
 import pytest
@@ -8,10 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lvm import cli
+from lvm.demo.corpus import TEXT_CORPUS
 from lvm.tokenizers import format as fmt
 from lvm.tokenizers import text
 
-CORPUS = pathlib.Path(__file__).parent / "data" / "kjv_genesis.txt"
+CORPUS = TEXT_CORPUS  # a KJV Genesis excerpt shipped with the demo
 LINES = CORPUS.read_text().splitlines()
 
 

@@ -1,4 +1,4 @@
-"""Benchmarks that print and save numbers: `lvm bench attention|tokenizer|data`."""
+"""Benchmarks that print and save numbers: `lvm bench attention|tokenizer|data|generate`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHMARKS = {
     "attention": "lvm.bench.attention",
     "tokenizer": "lvm.bench.tokenizer",
     "data": "lvm.bench.data",
+    "generate": "lvm.bench.generate",
 }
 
 

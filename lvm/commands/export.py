@@ -7,8 +7,12 @@ import json
 
 def add_arguments(parser) -> None:
     parser.add_argument("--workdir", required=True, help="training run folder (its newest checkpoint)")
-    parser.add_argument("--out", required=True, help="output folder: params/ (Orbax), config.yaml, tokenizers.json")
-    parser.add_argument("--text-tokenizer", help="SentencePiece model (default: the one the training data used)")
+    parser.add_argument(
+        "--out", required=True, help="output folder: params/ (Orbax), config.yaml, tokenizers.json"
+    )
+    parser.add_argument(
+        "--text-tokenizer", help="SentencePiece model (default: the one the training data used)"
+    )
     parser.add_argument("--vqgan", help="VQGAN workdir (default: the one the training data used)")
 
 

@@ -1,0 +1,88 @@
+"""Needle in a haystack over a grid of context lengths x depths (text or video): JSON and a heatmap PNG."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="training workdir or `lvm export` folder")
+    parser.add_argument("--out", required=True, help="folder for needle_{mode}.json and needle_{mode}.png")
+    parser.add_argument("--mode", choices=("text", "video"), default="text", help="default: %(default)s")
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        help="haystack tokens (text) or frames (video); default: 4 up to the context",
+    )
+    parser.add_argument("--depths", type=float, nargs="+", default=DEPTHS, help="needle depths in [0, 1]")
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="answer length (default: %(default)s)")
+    text = parser.add_argument_group("text mode")
+    text.add_argument(
+        "--filler", help="text file of haystack sentences (default: LWM's grass/sky/sun filler)"
+    )
+    text.add_argument("--trials", type=int, default=1, help="random magic numbers per cell (default: 1)")
+    video = parser.add_argument_group("video mode")
+    video.add_argument("--haystack-video", help="video file or URI for haystack frames (default: grey noise)")
+    video.add_argument("--needle-video", help="video file or URI for the needle (default: a coloured frame)")
+    video.add_argument("--needle-frames", type=int, default=1, help="needle frames (default: %(default)s)")
+    video.add_argument("--needle-colour", default="220,30,30", help="R,G,B of the default needle frame")
+    video.add_argument("--question", default="What colour is the video?", help="question about the needle")
+    video.add_argument("--answer", default="Red", help="expected answer (substring match, case-insensitive)")
+    video.add_argument("--options", nargs="+", help="also score by option log-likelihood (answer is one)")
+    parser.add_argument("--mesh", help="dp,fsdp,tp,sp for inference (default: sp over all devices)")
+    parser.add_argument("--text-tokenizer", help="override the checkpoint's SentencePiece model")
+    parser.add_argument("--vqgan", help="override the checkpoint's VQGAN workdir")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args) -> int:
+    from lvm.evals import needle
+    from lvm.inference import load_model
+
+    model = load_model(args.checkpoint, text_tokenizer=args.text_tokenizer, vqgan=args.vqgan, mesh=args.mesh)
+    progress = not args.no_progress
+    if args.mode == "text":
+        filler = Path(args.filler).read_text() if args.filler else needle.FILLER
+        lengths = args.lengths or _default_lengths(model.context - 64 - args.max_new_tokens)
+        grid = needle.text_needle_grid(
+            model, lengths, args.depths, filler=filler, trials=args.trials,
+            max_new_tokens=args.max_new_tokens, progress=progress,
+        )  # fmt: skip
+    else:
+        lengths = args.lengths or _default_lengths(model.frames_that_fit(64 + args.max_new_tokens))
+        res = model.vqgan.cfg.resolution
+        if args.haystack_video:
+            haystack = model.read_video(args.haystack_video, num_frames=max(lengths))
+        else:
+            haystack = model.vqgan.encode(needle.procedural_frames(max(lengths), res, seed=0))
+        if args.needle_video:
+            needle_codes = model.read_video(args.needle_video, num_frames=args.needle_frames)
+        else:
+            rgb = tuple(int(c) for c in args.needle_colour.split(","))
+            needle_codes = model.vqgan.encode(needle.procedural_frames(args.needle_frames, res, rgb, seed=1))
+        grid = needle.video_needle_grid(
+            model, haystack, needle_codes, lengths, args.depths, args.question, args.answer, args.options,
+            max_new_tokens=args.max_new_tokens, progress=progress,
+        )  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = {"checkpoint": str(args.checkpoint), **grid}
+    (out / f"needle_{args.mode}.json").write_text(json.dumps(grid, indent=2) + "\n")
+    needle.plot_heatmap(grid, out / f"needle_{args.mode}.png")
+    print(
+        f"mean accuracy {grid['mean_accuracy']:.3f} over {len(grid['cells'])} cells -> {out}", file=sys.stderr
+    )
+    print(json.dumps({"out": str(out), "mean_accuracy": grid["mean_accuracy"], "accuracy": grid["accuracy"]}))
+    return 0
+
+
+def _default_lengths(longest: int) -> list[int]:
+    """Four lengths evenly up to `longest`."""
+    if longest < 4:
+        raise ValueError(f"the model's context leaves room for only {longest} haystack units; give --lengths")
+    return [longest * i // 4 for i in range(1, 5)]

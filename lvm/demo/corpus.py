@@ -1,0 +1,96 @@
+"""The demo's data: scene mp4s for the VQGAN, per-stage training manifests and held-out evaluation sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lvm.demo import scenes
+from lvm.tokenizers.synthetic import write_video
+
+TEXT_CORPUS = Path(__file__).with_name("kjv_genesis.txt")  # public-domain text mixed into training
+
+
+def write_vqgan_clips(folder: Path, n: int, frames: int, needle_frames: int, res: int, seed: int) -> None:
+    """Short clips in which the needle is visible for half the frames (the VQGAN must learn its colours)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, needle in enumerate(scenes.needles(n, frames, needle_frames, seed)):
+        path = folder / f"clip{i:03d}.mp4"
+        if not path.exists():
+            write_video(path, scenes.scene(frames, needle, seed * 1000 + i, res), fps=4)
+
+
+def write_training_set(
+    folder: Path, n: int, frame_range: tuple[int, int], needle_frames: int, res: int, seed: int, fps: int
+) -> Path:
+    """`n` scene videos of random length in `frame_range` and a pretokenize manifest asking both questions
+    (in random order) about each; returns the manifest's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(frame_range[0], frame_range[1] + 1, n)
+    lines = []
+    for i in tqdm(range(n), desc=f"videos {folder.parent.name}/{folder.name}", leave=False):
+        needle = scenes.needles(1, int(lengths[i]), needle_frames, seed * 100_003 + i)[0]
+        needle = _balanced(needle, i)
+        path = folder / f"v{i:04d}.mp4"
+        if not path.exists():
+            write_video(path, scenes.scene(int(lengths[i]), needle, seed * 100_003 + i, res), fps=fps)
+        kinds = ["colour", "shape"] if rng.random() < 0.5 else ["shape", "colour"]
+        qa = [{"question": scenes.QUESTIONS[k][0], "answer": f"{scenes.answer(needle, k).capitalize()}."}
+              for k in kinds]  # fmt: skip
+        lines.append({"video": path.name, "qa": qa, "id": f"{folder.name}/{i}"})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return manifest
+
+
+def _balanced(needle: scenes.Needle, i: int) -> scenes.Needle:
+    """Colours and shapes cycle with the index so every answer is equally common."""
+    colours, shapes = list(scenes.COLOURS), scenes.SHAPES
+    return scenes.Needle(colours[i % 4], shapes[(i // 4 + i) % 4], needle.start, needle.frames)
+
+
+def write_eval_set(
+    folder: Path, n: int, frames: int, needle_frames: int, res: int, seed: int, fps: int
+) -> Path:
+    """`n` held-out videos of `frames` frames with needles at stratified depths; returns `eval.json`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i, needle in enumerate(
+        tqdm(
+            scenes.needles(n, frames, needle_frames, seed), desc=f"held-out {folder.parent.name}", leave=False
+        )
+    ):
+        path = folder / f"e{i:04d}.mp4"
+        if not path.exists():
+            write_video(path, scenes.scene(frames, needle, seed * 7919 + i, res), fps=fps)
+        depth = needle.start / max(frames - needle_frames, 1)
+        items.append({"video": str(path.resolve()), "colour": needle.colour, "shape": needle.shape,
+                      "start": needle.start, "frames": frames, "depth": depth})  # fmt: skip
+    out = folder / "eval.json"
+    out.write_text(json.dumps(items, indent=1))
+    return out
+
+
+def write_text_manifest(folder: Path, lines_per_doc: int = 8) -> Path:
+    """The text corpus as pretokenize `{"text": ...}` documents."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [ln for ln in TEXT_CORPUS.read_text().splitlines() if ln.strip()]
+    docs = [" ".join(lines[i : i + lines_per_doc]) for i in range(0, len(lines), lines_per_doc)]
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return manifest
+
+
+def tokenizer_text(path: Path) -> Path:
+    """SentencePiece training text: the corpus plus every question, answer and the chat template words."""
+    from lvm.tokenizers.format import SYSTEM_PROMPT
+
+    extra = [SYSTEM_PROMPT + " USER: ASSISTANT:"]
+    for question, options in scenes.QUESTIONS.values():
+        extra += [question] + [f"{o.capitalize()}." for o in options]
+    path.write_text(TEXT_CORPUS.read_text() + "\n" + "\n".join(extra * 50) + "\n")
+    return path

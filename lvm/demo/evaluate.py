@@ -1,0 +1,154 @@
+"""The demo's QA evaluation: option log-likelihood over four options, per stage, per needle depth, baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lvm.demo import scenes
+
+
+def quarter(depth: float) -> int:
+    return min(int(depth * 4), 3)
+
+
+def accuracy(records: list[dict]) -> float:
+    return float(np.mean([r["correct"] for r in records])) if records else float("nan")
+
+
+class Evaluator:
+    """Scores held-out sets with one model; video codes are cached across models (encoding is the same)."""
+
+    def __init__(self, room: int, fps: int):
+        self.room, self.fps = room, fps
+        self.codes: dict[str, np.ndarray] = {}
+
+    def read(self, model, video: str) -> np.ndarray:
+        if video not in self.codes:
+            self.codes[video] = model.read_video(video, fps=self.fps)
+        return self.codes[video]
+
+    def predict(self, model, ctx, kind: str) -> str:
+        question, _ = scenes.QUESTIONS[kind]
+        scores = model.option_logprobs(ctx, question, scenes.options_text(kind))
+        return scenes.QUESTIONS[kind][1][int(np.argmax(scores))]
+
+    def run(self, model, items: list[dict], desc: str, baselines: bool = False) -> dict:
+        """Accuracy over both questions of every item; with `baselines`, also question-only and
+        mismatched-video (item i's questions asked of item i+1's video) accuracy."""
+        records, mismatched = [], []
+        contexts = []
+        for item in tqdm(items, desc=desc, leave=False):
+            ctx = model.video_context(self.read(model, item["video"]), self.room)
+            for kind in scenes.QUESTIONS:
+                pred = self.predict(model, ctx, kind)
+                records.append({"video": item["video"], "kind": kind, "depth": item["depth"],
+                                "answer": item[kind], "pred": pred, "correct": pred == item[kind]})  # fmt: skip
+            if baselines:
+                contexts.append(ctx)
+                if len(contexts) > 1:  # the previous item's questions against this video
+                    prev = items[len(contexts) - 2]
+                    for kind in scenes.QUESTIONS:
+                        mismatched.append({"correct": self.predict(model, ctx, kind) == prev[kind]})
+                contexts = contexts[-1:]
+        out = {
+            "questions": len(records),
+            "accuracy": accuracy(records),
+            "by_kind": {k: accuracy([r for r in records if r["kind"] == k]) for k in scenes.QUESTIONS},
+            "by_depth_quarter": [
+                accuracy([r for r in records if quarter(r["depth"]) == q]) for q in range(4)
+            ],
+            "records": records,
+        }
+        if baselines:
+            only = []
+            for kind, (question, options) in scenes.QUESTIONS.items():
+                scores = model.question_only_logprobs(question, scenes.options_text(kind))
+                guess = options[int(np.argmax(scores))]
+                only += [{"correct": guess == item[kind]} for item in items]
+            out["question_only"] = accuracy(only)
+            out["mismatched_video"] = accuracy(mismatched)
+        return out
+
+
+def heatmap(rows: dict[str, list[float]], path: Path, title: str) -> str:
+    """Accuracy of stage lengths (rows) x needle-depth quarters (columns) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = np.array(list(rows.values()))
+    fig, ax = plt.subplots(figsize=(5, 0.6 * len(rows) + 1.4))
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(4), ["0-25%", "25-50%", "50-75%", "75-100%"])
+    ax.set_yticks(range(len(rows)), list(rows))
+    ax.set_xlabel("needle depth in the video")
+    ax.set_ylabel("context (tokens)")
+    for (i, j), v in np.ndenumerate(data):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
+    """Each stage's model on its own held-out set; the final model on every set (heatmap) with baselines."""
+    from lvm.cli import run_command
+    from lvm.demo.run import FPS
+    from lvm.inference import load_model
+
+    ev = Evaluator(demo.cfg.room, FPS)
+    stages = demo.cfg.stages
+    sets = {
+        s.name: json.loads((demo.out / "videos" / s.name / "eval" / "eval.json").read_text()) for s in stages
+    }
+    results: dict = {"stages": {}}
+    final = None
+    for s in stages:
+        stage_dir = summary["stages"][s.name]["workdir"]
+        model = load_model(stage_dir)
+        r = ev.run(model, sets[s.name], f"eval {s.name}", baselines=s is stages[-1])
+        print(f"stage {s.name}: accuracy {r['accuracy']:.3f} on {r['questions']} held-out questions")
+        results["stages"][s.name] = {
+            "seq_len": s.seq_len, "steps": summary["stages"][s.name]["steps"],
+            "final_loss": summary["stages"][s.name]["final_loss"], "accuracy": r["accuracy"],
+            "questions": r["questions"], "by_kind": r["by_kind"], "frames_per_video": sets[s.name][0]["frames"],
+        }  # fmt: skip
+        final = (model, r, stage_dir)
+    model, r, stage_dir = final
+    grid = {f"{s.seq_len}": ev.run(model, sets[s.name], f"heatmap {s.name}")["by_depth_quarter"]
+            for s in stages[:-1]}  # fmt: skip
+    grid[f"{stages[-1].seq_len}"] = r["by_depth_quarter"]
+    export = demo.out / "export"
+    run_command(
+        "export", ["--workdir", stage_dir, "--out", str(export), "--text-tokenizer", sp, "--vqgan", vq]
+    )
+    results.update(
+        final={
+            k: r[k]
+            for k in (
+                "questions",
+                "accuracy",
+                "by_kind",
+                "by_depth_quarter",
+                "question_only",
+                "mismatched_video",
+            )
+        },  # fmt: skip
+        final_accuracy=r["accuracy"],
+        chance=0.25,
+        needle_grid={"rows": grid, "columns": ["0-25%", "25-50%", "50-75%", "75-100%"]},
+        heatmap=heatmap(grid, demo.out / "needle_heatmap.png", "final model: held-out QA accuracy"),
+        checkpoint=str(export.resolve()),
+        vqgan=str(Path(vq).resolve()),
+        text_tokenizer=str(Path(sp).resolve()),
+    )
+    (demo.out / "eval_records.json").write_text(json.dumps(r["records"], indent=1))
+    return results

@@ -1,0 +1,251 @@
+"""`make demo` / `lvm demo`: the whole system on embedded defaults, on 2 CPU cores, in about 20 minutes.
+
+Phases (each skipped when its output exists, so a rerun resumes):
+  1. data        scene mp4s (one needle event each) for the VQGAN, three training sets and three held-out sets
+                 sized to the stages' contexts, and a small text corpus;
+  2. tokenizers  a SentencePiece model and the tiny VQGAN (32x32 frames -> 4x4 codes) trained on scene clips;
+  3. pretokenize every training set into token shards in a local bucket folder (or gs:// on a loopback GCS);
+  4. curriculum  2K -> 4K -> ~8K tokens on 8 simulated devices (sequence parallel in the later stages);
+  5. evaluate    after each stage, QA accuracy on held-out videos sized to that stage; at the final length
+                 also per needle-depth quarter, a question-only and a mismatched-video baseline, and a needle
+                 heatmap (lengths x depths) of the final model;
+  6. qa          `lvm qa` on one held-out mp4.
+Everything lands under `out` (default runs/demo); `summary.json` holds the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lvm.demo import corpus
+
+FPS = 4  # native rate of the scene videos and the sampling rate (every frame is used)
+RES = 32
+NEEDLE_FRAMES = 3
+FRAME_TOKENS = 17  # 4 x 4 codes + <eof>/<eov>
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    name: str
+    seq_len: int
+    mesh: str
+    batch_size: int
+    steps: int
+    rope_theta: float
+    train_videos: int
+    train_frames: tuple[int, int]
+    eval_videos: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    stages: tuple[StagePlan, ...] = (
+        StagePlan("2k", 2048, "1,8,1,1", 8, 150, 1e4, 1200, (16, 40), 24),
+        StagePlan("4k", 4096, "1,4,1,2", 4, 40, 4e4, 160, (100, 236), 24),
+        StagePlan("8k", 8704, "1,2,1,4", 2, 24, 1.6e5, 48, (480, 490), 50),
+    )
+    vqgan_clips: int = 48
+    vqgan_steps: int = 600
+    text_weight: float = 0.1
+    seed: int = 0
+    lr: float = 3e-3
+    room: int = 64  # tokens kept after a video for question and answer
+
+
+def eval_frames(seq_len: int, room: int) -> int:
+    """Frames of a held-out video that fill a context of seq_len tokens (minus the chat template and room)."""
+    return (seq_len - room - 32) // FRAME_TOKENS
+
+
+class Demo:
+    def __init__(self, out: str | Path, cfg: DemoConfig = DemoConfig(), gcs: bool = False):
+        self.out = Path(out).resolve()
+        self.cfg = cfg
+        self.gcs = gcs
+        self.timings: dict[str, float] = {}
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def phase(self, name: str, fn):
+        print(f"\n== {name}", flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        self.timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"== {name}: {self.timings[name]} s", flush=True)
+        return result
+
+    # 1. data ---------------------------------------------------------------------------------------------------
+
+    def data(self) -> None:
+        c, v = self.cfg, self.out / "videos"
+        corpus.write_vqgan_clips(v / "vqgan", c.vqgan_clips, 16, 8, RES, c.seed + 1)
+        for k, s in enumerate(c.stages):
+            corpus.write_training_set(v / s.name / "train", s.train_videos, s.train_frames, NEEDLE_FRAMES, RES,
+                                      c.seed + 10 + k, FPS)  # fmt: skip
+            corpus.write_eval_set(v / s.name / "eval", s.eval_videos, eval_frames(s.seq_len, c.room),
+                                  NEEDLE_FRAMES, RES, c.seed + 20 + k, FPS)  # fmt: skip
+        corpus.write_text_manifest(v / "text")
+
+    # 2. tokenizers ---------------------------------------------------------------------------------------------
+
+    def tokenizers(self) -> tuple[str, str]:
+        from lvm.tokenizers import text, train_vqgan
+        from lvm.tokenizers.config import load_config
+
+        sp = self.out / "tokenizers" / "sp.model"
+        if not sp.is_file():
+            text.train(corpus.tokenizer_text(self.out / "tokenizers.txt"), 400, sp.with_suffix(""))
+        vq = self.out / "vqgan"
+        # 32x32 frames -> 4x4 codes; batches mix 8 clips (2 frames each) so the needles' colours are learned
+        sets = ["model.resolution=32", "train.frames_per_video=2", "train.learning_rate=5e-3", "train.log_every=50"]
+        cfg = load_config("tiny", sets)
+        if train_vqgan._manager(vq).latest_step() != self.cfg.vqgan_steps:
+            train_vqgan.train(cfg, self.out / "videos" / "vqgan", self.cfg.vqgan_steps, vq)
+        return str(sp), str(vq)
+
+    # 3. pretokenize --------------------------------------------------------------------------------------------
+
+    def pretokenize(self, sp: str, vq: str, bucket: str) -> dict[str, str]:
+        from lvm.data_pipeline import storage
+        from lvm.data_pipeline.decode import DecodeConfig
+        from lvm.data_pipeline.pretokenize import PretokenizeConfig
+        from lvm.data_pipeline.pretokenize import run as pretokenize
+
+        out = {}
+        names = [s.name for s in self.cfg.stages] + ["text"]
+        for name in names:
+            uri = storage.join(bucket, name)
+            manifest = (
+                self.out / "videos" / name / ("manifest.jsonl" if name == "text" else "train/manifest.jsonl")
+            )
+            cfg = PretokenizeConfig(
+                manifest=str(manifest), output=uri, vqgan=vq, text_tokenizer=sp,
+                decode=DecodeConfig(fps=FPS), shard_size=64, progress=True,
+            )  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        k: v
+                        for k, v in pretokenize(cfg).items()
+                        if k in ("output", "records", "tokens", "failed")
+                    }
+                )
+            )
+            out[name] = uri
+        return out
+
+    # 4. curriculum ---------------------------------------------------------------------------------------------
+
+    def curriculum_file(self, corpora: dict[str, str]) -> Path:
+        import yaml
+
+        c = self.cfg
+        stages = []
+        for s in c.stages:
+            train = [corpora[s.name]] + ([corpora["text"]] if s is c.stages[0] else [])
+            weights = [1 - c.text_weight, c.text_weight] if len(train) == 2 else [1.0]
+            stages.append({
+                "name": s.name, "mesh": s.mesh, "model": {"rope_theta": s.rope_theta},
+                "train": {"seq_len": s.seq_len, "batch_size": s.batch_size, "steps": s.steps},
+                "data": {"train": train, "weights": weights},
+            })  # fmt: skip
+        doc = {
+            "include": ["model/demo"],
+            "defaults": {
+                "train": {"lr": c.lr, "schedule": "cosine", "end_lr": c.lr / 10, "warmup_steps": 10,
+                          "weight_decay": 0.01, "checkpoint_every": 50, "eval_buckets": 4},
+                "data": {"seed": c.seed, "cache_dir": str(self.out / "cache")},
+            },
+            "stages": stages,
+        }  # fmt: skip
+        path = self.out / "curriculum.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        return path
+
+    def curriculum(self, corpora: dict[str, str]) -> dict:
+        from lvm.curriculum import load_curriculum, run_curriculum
+
+        return run_curriculum(load_curriculum(self.curriculum_file(corpora)), self.out / "curriculum")
+
+    # 5. evaluate -----------------------------------------------------------------------------------------------
+
+    def evaluate(self, summary: dict, sp: str, vq: str) -> dict:
+        from lvm.demo.evaluate import evaluate_stages
+
+        return evaluate_stages(self, summary, sp, vq)
+
+    # 6. qa -----------------------------------------------------------------------------------------------------
+
+    def qa(self, checkpoint: str) -> str:
+        item = json.loads(
+            (self.out / "videos" / self.cfg.stages[-1].name / "eval" / "eval.json").read_text()
+        )[0]
+        question = "What colour was the shape that appeared?"
+        cmd = [sys.executable, "-m", "lvm.cli", "qa", "--checkpoint", checkpoint, "--video", item["video"],
+               "--question", question, "--fps", str(FPS), "--max-new-tokens", "8"]  # fmt: skip
+        print(
+            "$ lvm qa --checkpoint",
+            checkpoint,
+            "--video",
+            item["video"],
+            f'--question "{question}" --fps {FPS}',
+        )
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if out.returncode:
+            raise RuntimeError(f"lvm qa failed: {out.stderr[-2000:]}")
+        answer = out.stdout.strip().splitlines()[-1]
+        print(f"answer: {answer}   (the needle was {item['colour']})")
+        return answer
+
+    # all -------------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        self.phase("data", self.data)
+        sp, vq = self.phase("tokenizers", self.tokenizers)
+        server = None
+        bucket = str(self.out / "bucket")
+        if self.gcs:
+            from lvm.data_pipeline import storage
+            from lvm.data_pipeline.emulator import FakeGCS
+
+            server = FakeGCS(root=str(self.out / "gcs")).start()
+            server.create_bucket("lvm-demo")
+            storage.reset_gcs_client()
+            bucket = "gs://lvm-demo/corpora"
+        try:
+            corpora = self.phase("pretokenize", lambda: self.pretokenize(sp, vq, bucket))
+            summary = self.phase("curriculum", lambda: self.curriculum(corpora))
+            results = self.phase("evaluate", lambda: self.evaluate(summary, sp, vq))
+        finally:
+            if server is not None:
+                server.stop()
+        answer = self.phase("qa", lambda: self.qa(results["checkpoint"]))
+        results.update(
+            qa_answer=answer, seconds=round(time.perf_counter() - t0, 1), phase_seconds=self.timings
+        )
+        (self.out / "summary.json").write_text(json.dumps(results, indent=1))
+        print_summary(results, self.out)
+        return results
+
+
+def print_summary(results: dict, out: Path) -> None:
+    print("\n== summary")
+    print(f"{'stage':>6} {'seq':>6} {'steps':>6} {'final loss':>10} {'accuracy':>9} {'questions':>9}")
+    for name, s in results["stages"].items():
+        print(
+            f"{name:>6} {s['seq_len']:>6} {s['steps']:>6} {s['final_loss']:>10.4f} {s['accuracy']:>9.3f} {s['questions']:>9}"
+        )
+    f = results["final"]
+    print(
+        f"final held-out accuracy {results['final_accuracy']:.3f} on {f['questions']} questions (chance 0.25); "
+        f"question-only {f['question_only']:.3f}, mismatched video {f['mismatched_video']:.3f}"
+    )
+    print("by needle-depth quarter:", " ".join(f"{a:.2f}" for a in f["by_depth_quarter"]))
+    print(f"summary: {out / 'summary.json'}   heatmap: {results['heatmap']}   total {results['seconds']} s")

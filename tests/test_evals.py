@@ -1,0 +1,129 @@
+"""`lvm eval-qa` and `lvm eval-needle` end to end on the red/blue model of `qa_assets.trained`, and the pure
+pieces (letter parser, per-group aggregation, needle splicing and haystacks) against hand-made answers."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from qa_assets import QUESTION, trained  # noqa: F401  (fixture)
+
+from lvm.cli import run_command
+from lvm.evals import needle
+from lvm.evals.qa import aggregate, letter_prompt, option_text, parse_letter, read_questions, video_uri
+
+pytestmark = [pytest.mark.xdist_group("qa"), pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")]
+
+
+def test_eval_qa_scores_videomme_questions_per_group(trained, tmp_path):  # noqa: F811
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    lines = []
+    # The fixture's model tells red from blue reliably on its held-out videos and its training videos (on
+    # fresh noise seeds it is right only most of the time), so the questions are about those.
+    clips = [("held_out_red", "Red", "short", "colour"), ("held_out_blue", "Blue", "short", "colour"),
+             ("v0", "Red", "long", "hue"), ("v1", "Blue", "long", "hue")]  # fmt: skip
+    for i, (clip, colour, duration, task) in enumerate(clips):
+        shutil.copy(trained / f"{clip}.mp4", videos / f"vid{i}.mp4")
+        options = ["A. Red.", "B. Blue."] if i % 2 == 0 else ["A. Blue.", "B. Red."]  # answer letters vary
+        answer = "AB"[[option_text(o) for o in options].index(f"{colour}.")]
+        lines.append({"videoID": f"vid{i}", "duration": duration, "domain": "synthetic", "task_type": task,
+                      "question_id": f"q{i}", "question": QUESTION, "options": options, "answer": answer})  # fmt: skip
+    lines.append({**lines[0], "question_id": "q0-again"})  # a second question on one video reuses its context
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "report.json"
+    argv = ["--checkpoint", str(trained / "export"), "--data", str(data), "--video-dir", str(videos)]
+    assert run_command("eval-qa", [*argv, "--out", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["overall"]["count"] == 5 and report["overall"]["chance"] == 0.5
+    assert report["overall"]["loglik"] == 1.0, [r["loglik_scores"] for r in report["records"]]
+    assert 0 <= report["overall"]["letter"] <= 1
+    assert set(report["by_duration"]) == {"short", "long"} and set(report["by_task_type"]) == {
+        "colour",
+        "hue",
+    }
+    assert report["by_duration"]["short"]["count"] == 3 and report["by_duration"]["long"]["loglik"] == 1.0
+    assert [r["question_id"] for r in report["records"]] == [x["question_id"] for x in lines]
+    assert all(r["frames"] >= 1 and isinstance(r["generated"], str) for r in report["records"])
+
+
+def test_eval_needle_writes_grids_and_heatmaps_in_both_modes(trained, tmp_path):  # noqa: F811
+    ckpt = ["--checkpoint", str(trained / "export"), "--depths", "0", "1", "--no-progress"]
+    assert run_command("eval-needle", [*ckpt, "--out", str(tmp_path), "--mode", "text", "--lengths", "40", "120",
+                                       "--max-new-tokens", "4"]) == 0  # fmt: skip
+    video_args = ["--mode", "video", "--lengths", "2", "--question", QUESTION, "--answer", "Red.",
+                  "--options", "Red.", "Blue.", "--needle-video", str(trained / "held_out_red.mp4"),
+                  "--haystack-video", str(trained / "held_out_blue.mp4"), "--max-new-tokens", "4"]  # fmt: skip
+    assert run_command("eval-needle", [*ckpt, "--out", str(tmp_path), *video_args]) == 0
+    for mode, lengths in (("text", [40, 120]), ("video", [2])):  # 2 frames: all the tiny context holds
+        grid = json.loads((tmp_path / f"needle_{mode}.json").read_text())
+        assert grid["lengths"] == lengths and grid["depths"] == [0, 1]
+        assert np.shape(grid["accuracy"]) == (len(lengths), 2) and len(grid["cells"]) == 2 * len(lengths)
+        assert all(0 <= a <= 1 for row in grid["accuracy"] for a in row)
+        assert (tmp_path / f"needle_{mode}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.shape(grid["option_accuracy"]) == (1, 2)
+    assert [c["option_choice"] for c in grid["cells"]] and grid["cells"][0]["expected"] == "Red."
+
+
+def test_parse_letter():
+    cases = {"B": "B", "(C) green": "C", "B. Blue.": "B", "The answer is D.": "D", "Blue.": None,
+             "A": "A", "E": None, "answer: b": None, "I think C": "C"}  # fmt: skip
+    for text, letter in cases.items():
+        assert parse_letter(text, 4) == letter, text
+    assert parse_letter("Red.", 2) is None and parse_letter("C then A", 2) == "A"
+    assert (
+        option_text("A. Red.") == "Red." and option_text("(B) blue") == "blue" and option_text("Red") == "Red"
+    )
+    assert letter_prompt("Q?", ["A. x", "B. y"]) == "Q?\nOptions: A. x B. y\nAnswer with the option's letter."
+    assert letter_prompt("Q?", ["x", "y"]) == letter_prompt("Q?", ["A. x", "B. y"])
+
+
+def test_aggregate_per_group():
+    def rec(duration, task, n, loglik, letter):
+        return {"duration": duration, "task_type": task, "domain": "d", "n_options": n,
+                "loglik_correct": loglik, "letter_correct": letter}  # fmt: skip
+
+    records = [rec("short", "ocr", 4, True, False), rec("short", "count", 4, False, False),
+               rec("long", "ocr", 2, True, True), rec("long", "ocr", 2, True, False)]  # fmt: skip
+    report = aggregate(records)
+    assert report["overall"] == {"count": 4, "chance": 0.375, "loglik": 0.75, "letter": 0.25}
+    assert report["by_duration"]["short"] == {"count": 2, "chance": 0.25, "loglik": 0.5, "letter": 0.0}
+    assert report["by_duration"]["long"] == {"count": 2, "chance": 0.5, "loglik": 1.0, "letter": 0.5}
+    assert report["by_task_type"]["ocr"]["count"] == 3 and report["by_task_type"]["ocr"]["letter"] == 1 / 3
+    assert report["by_task_type"]["count"]["loglik"] == 0.0 and report["by_domain"]["d"]["count"] == 4
+
+
+def test_read_questions_and_video_paths(tmp_path):
+    good = {"videoID": "v1", "question": "q", "options": ["A. x", "B. y"], "answer": "B"}
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "video": "sub/clip.mp4"}) + "\n")
+    items = read_questions(path)
+    assert video_uri(items[0], "vids") == "vids/v1.mp4" and video_uri(items[1], "vids") == "vids/sub/clip.mp4"
+    assert video_uri({**good, "video": "gs://b/c.mp4"}, "vids") == "gs://b/c.mp4"
+    for bad, message in (({**good, "answer": "C"}, "not a letter"), ({"question": "q"}, "missing field")):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=message):
+            read_questions(path)
+
+
+def test_needle_splice_and_text_haystack():
+    hay = np.arange(10)[:, None, None] * np.ones((1, 2, 2), int)  # frame i is all i
+    needle_codes = np.full((2, 2, 2), 99)
+    out = needle.splice(hay, needle_codes, 7, 0.5)
+    assert out[:, 0, 0].tolist() == [0, 2, 99, 99, 4, 7, 9]  # 5 evenly resampled frames around the needle
+    assert needle.splice(hay, needle_codes, 4, 0.0)[:2, 0, 0].tolist() == [99, 99]
+    assert needle.splice(hay, needle_codes, 4, 1.0)[-2:, 0, 0].tolist() == [99, 99]
+    assert needle.haystack_frames(hay[:3], 5)[:, 0, 0].tolist() == [0, 1, 2, 0, 1]  # short: repeated
+
+    class Words:  # one token per word
+        def encode(self, text, continuation=False):
+            return text.split()
+
+    filler = needle.sentences(needle.FILLER)
+    for depth in (0.0, 0.5, 1.0):
+        text = needle.text_haystack(Words(), filler, 100, depth, "The magic number is 7.")
+        words = text.split()
+        assert 90 <= len(words) <= 100 and text.count("magic number is 7.") == 1
+        at = words.index("magic") / len(words)
+        assert abs(at - depth) < 0.1, (depth, at)
