@@ -29,7 +29,7 @@ test: lint
 	$(BIN)/pytest -n 2 --dist loadgroup tests
 
 demo: $(STAMP)
-	$(BIN)/lvm bench attention --quick --out runs/demo/bench_attention
+	$(BIN)/lvm demo --out runs/demo
 
 bench: $(STAMP)
 	$(BIN)/lvm bench attention --out runs/bench/attention

@@ -19,6 +19,8 @@ COMMANDS = {
     "export": "lvm.commands.export",
     "qa": "lvm.commands.qa",
     "generate": "lvm.commands.generate",
+    "convert-lwm": "lvm.commands.convert_lwm",
+    "export-hf": "lvm.commands.export_hf",
     "demo": "lvm.commands.demo",
     "eval-qa": "lvm.commands.eval_qa",
     "eval-needle": "lvm.commands.eval_needle",

@@ -1,6 +1,5 @@
 """SentencePiece wrapper: trained on a real corpus (KJV Genesis), sequence-safe joining, no mid-sequence BOS/EOS."""
 
-
 import numpy as np
 import pytest
 from hypothesis import given, settings

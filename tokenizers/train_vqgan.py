@@ -232,7 +232,10 @@ def load_tokenizer(checkpoint: str | os.PathLike, devices=None, **kwargs) -> VQG
     step = mngr.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
-    abstract = jax.eval_shape(lambda: init_variables(cfg.model))
+    # read onto one local device whatever device count wrote it (the tokenizer replicates them itself)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(lambda: init_variables(cfg.model))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
     restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
     mngr.close()
     return VQGANTokenizer(cfg.model, dict(restored["model"]), devices=devices, **kwargs)

@@ -9,6 +9,7 @@ BENCHMARKS = {
     "attention": "lvm.bench.attention",
     "tokenizer": "lvm.bench.tokenizer",
     "data": "lvm.bench.data",
+    "convert": "lvm.bench.convert",
     "generate": "lvm.bench.generate",
 }
 

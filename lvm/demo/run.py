@@ -103,7 +103,12 @@ class Demo:
             text.train(corpus.tokenizer_text(self.out / "tokenizers.txt"), 400, sp.with_suffix(""))
         vq = self.out / "vqgan"
         # 32x32 frames -> 4x4 codes; batches mix 8 clips (2 frames each) so the needles' colours are learned
-        sets = ["model.resolution=32", "train.frames_per_video=2", "train.learning_rate=5e-3", "train.log_every=50"]
+        sets = [
+            "model.resolution=32",
+            "train.frames_per_video=2",
+            "train.learning_rate=5e-3",
+            "train.log_every=50",
+        ]
         cfg = load_config("tiny", sets)
         if train_vqgan._manager(vq).latest_step() != self.cfg.vqgan_steps:
             train_vqgan.train(cfg, self.out / "videos" / "vqgan", self.cfg.vqgan_steps, vq)

@@ -105,7 +105,11 @@ def lwm_llama_shapes(
         ("feed_forward", "w3", "kernel"): (d, mlp),
         ("feed_forward", "w2", "kernel"): (mlp, d),
     }
-    out = {"transformer/wte/embedding": (vocab, d), "transformer/ln_f/kernel": (d,), "lm_head/kernel": (d, vocab)}
+    out = {
+        "transformer/wte/embedding": (vocab, d),
+        "transformer/ln_f/kernel": (d,),
+        "lm_head/kernel": (d, vocab),
+    }
     if vision_vocab:
         out |= {"transformer/vte/embedding": (vision_vocab, d), "vision_head/kernel": (d, vision_vocab)}
     for path, shape in layer.items():
@@ -136,13 +140,17 @@ def infer_model(records: Sequence[tux_stream.Record], head_dim: int) -> tuple[di
     if layers == {None}:
         n_layers = leaves["wq"][0][1].shape[0]
     elif None in layers or layers != set(range(len(layers))):
-        raise ValueError(f"layer records are neither stacked ({SCAN}) nor numbered 0..L-1: {sorted(map(str, layers))}")
+        raise ValueError(
+            f"layer records are neither stacked ({SCAN}) nor numbered 0..L-1: {sorted(map(str, layers))}"
+        )
     else:
         n_layers = len(layers)
     vocab, d = leaves["wte"][0][1].shape
     q_out, kv_out = leaves["wq"][0][1].shape[-1], leaves["wk"][0][1].shape[-1]
     if q_out % head_dim or kv_out % head_dim:
-        raise ValueError(f"head_dim={head_dim} does not divide the q/k width {q_out}/{kv_out}; pass --head-dim")
+        raise ValueError(
+            f"head_dim={head_dim} does not divide the q/k width {q_out}/{kv_out}; pass --head-dim"
+        )
     dims = {
         "text_vocab_size": vocab,
         "vision_vocab_size": leaves["vte"][0][1].shape[0] if vision else DEFAULT_VISION_VOCAB,
@@ -217,9 +225,11 @@ def convert_params(
             key = ("layers", t.name) if t.name in LAYER_NAMES.values() else (t.name,)
             full, dtype = shapes[key]
             target = full[1:] if t.layer is not None else full
-            if int(np.prod(rec.shape)) != int(np.prod(target)) or rec.shape[-1] not in (target[-1], np.prod(target[-2:])):
+            if rec.shape != _lwm_shape(t.name, target, stacked=t.layer is None and key[0] == "layers"):
                 raise ValueError(f"{'/'.join(rec.key)} has shape {rec.shape}; this model expects {target}")
-            _copy_record(f, rec, writer, key, t.layer, target, dtype, perm if t.name in ("wq", "wk") else None)
+            _copy_record(
+                f, rec, writer, key, t.layer, target, dtype, perm if t.name in ("wq", "wk") else None
+            )
             seen.add((key, t.layer))
             log(f"  {'/'.join(rec.key)} {list(rec.shape)} {rec.dtype} -> {'/'.join(key)}")
     for key, (full, _) in shapes.items():
@@ -228,19 +238,30 @@ def convert_params(
         if key[-1] in VISION_ONLY and not have:
             writer.fill_zeros(key)  # a text-only LWM model: no vision embedding or head
         elif have != ({None} if not stacked or None in have else set(range(full[0]))):
-            raise ValueError(f"the params file does not cover {'/'.join(key)} (layers {sorted(map(str, have))})")
+            raise ValueError(
+                f"the params file does not cover {'/'.join(key)} (layers {sorted(map(str, have))})"
+            )
     return writer.close()
+
+
+def _lwm_shape(name: str, shape: tuple, stacked: bool) -> tuple:
+    """LWM's shape of our leaf `name` of `shape`: heads and head_dim merged into one axis."""
+    if name in ("wq", "wk", "wv"):
+        return (*shape[:-2], shape[-2] * shape[-1])
+    if name == "wo":
+        o = int(stacked)
+        return (*shape[:o], shape[o] * shape[o + 1], *shape[o + 2 :])
+    return tuple(shape)
 
 
 def _copy_record(f, rec, writer, key, layer, target, dtype, perm) -> None:
     """Copy one record into leaf `key` (at stacked index `layer`), one target chunk per read."""
     reader = tux_stream.RecordReader(f, rec)
     if layer is not None:  # an unstacked layer: its whole tensor is one chunk of the stacked leaf
-        rows, row_shape, prefix = 1, tuple(target), (layer,)
-        blocks = [(0, 1)]
+        row_shape, blocks = tuple(target), [(0, 1)]
     else:
         rows = writer.chunk_rows[key] if target else 1
-        row_shape, prefix = tuple(target[1:]), ()
+        row_shape = tuple(target[1:])
         blocks = [(r, min(r + rows, target[0])) for r in range(0, target[0] if target else 1, rows)]
     row_elems = int(np.prod(row_shape, dtype=np.int64))
     for r0, r1 in blocks:
@@ -322,13 +343,19 @@ def vqgan_model_config(flat: dict):
 
     base = shape("encoder/Conv_0/kernel")[-1]
     levels = len({m.group(1) for p in flat if (m := re.match(r"encoder/DownsamplingBlock_(\d+)/", p))})
-    mult = tuple(shape(f"encoder/DownsamplingBlock_{i}/ResnetBlock_0/Conv_1/kernel")[-1] // base for i in range(levels))
+    mult = tuple(
+        shape(f"encoder/DownsamplingBlock_{i}/ResnetBlock_0/Conv_1/kernel")[-1] // base for i in range(levels)
+    )
     n_res = len({p.split("/")[2] for p in flat if p.startswith("encoder/DownsamplingBlock_0/ResnetBlock_")})
     codes, latent = shape("quantize/embeddings")
     if shape("encoder/Conv_1/kernel")[-1] != latent:
-        raise ValueError("LWM VQGAN z_channels differs from the codebook dimension; this project needs them equal")
+        raise ValueError(
+            "LWM VQGAN z_channels differs from the codebook dimension; this project needs them equal"
+        )
     if n_res != 2:
-        raise ValueError(f"LWM's middle blocks hold 2 ResNet blocks; this project's hold num_res_blocks={n_res}")
+        raise ValueError(
+            f"LWM's middle blocks hold 2 ResNet blocks; this project's hold num_res_blocks={n_res}"
+        )
     resolution = 16 * 2 ** (levels - 1)  # LWM: 16x16 codes per frame
     return ModelConfig(
         resolution=resolution, base_channels=base, channel_mult=mult, num_res_blocks=n_res, norm_groups=32,
@@ -358,7 +385,11 @@ def vqgan_name_map(cfg) -> dict[str, str]:
         for j in range(n_res):
             resblock("encoder", f"encoder/DownsamplingBlock_{i}/ResnetBlock_{j}")
         if i < n - 1:
-            module(f"encoder/Conv_{conv_i}", f"encoder/DownsamplingBlock_{i}/Downsample_0/Conv_0", ("kernel", "bias"))
+            module(
+                f"encoder/Conv_{conv_i}",
+                f"encoder/DownsamplingBlock_{i}/Downsample_0/Conv_0",
+                ("kernel", "bias"),
+            )
             conv_i += 1
     for j in range(n_res):
         resblock("encoder", f"encoder/MidBlock_0/ResnetBlock_{j}")
@@ -374,7 +405,9 @@ def vqgan_name_map(cfg) -> dict[str, str]:
         for j in range(n_res):  # LWM's ResnetBlock_{n_res} of each level has no counterpart here
             resblock("decoder", f"decoder/UpsamplingBlock_{u}/ResnetBlock_{j}")
         if level > 0:
-            module(f"decoder/Conv_{conv_i}", f"decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0", ("kernel", "bias"))
+            module(
+                f"decoder/Conv_{conv_i}", f"decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0", ("kernel", "bias")
+            )
             conv_i += 1
     module("decoder/GroupNorm_0", "decoder/GroupNorm_0", ("scale", "bias"))
     module("decoder/conv_out", "decoder/Conv_1", ("kernel", "bias"))
@@ -428,7 +461,9 @@ def convert_vqgan(uri: str, out_dir: str | Path, trust_pickle: bool = False, log
     }
     dropped = sorted(set(flat) - set(names.values()) - {"quantize/embeddings"})
     if dropped:
-        log(f"  VQGAN: {len(dropped)} LWM decoder tensors have no counterpart (see lvm.interop.lwm); decoding is approximate")
+        log(
+            f"  VQGAN: {len(dropped)} LWM decoder tensors have no counterpart (see lvm.interop.lwm); decoding is approximate"
+        )
     workdir = Path(out_dir)
     shutil.rmtree(workdir, ignore_errors=True)
     train_vqgan.save_config(VQGANConfig(model=cfg), workdir)

@@ -37,7 +37,9 @@ class ParamsWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.shapes = {k: (tuple(s), np.dtype(d)) for k, (s, d) in shapes.items()}
-        self.chunk_rows = {k: (chunk_rows or {}).get(k) or self.default_rows(*v) for k, v in self.shapes.items()}
+        self.chunk_rows = {
+            k: (chunk_rows or {}).get(k) or self.default_rows(*v) for k, v in self.shapes.items()
+        }
         self.arrays = {k: self._create(k) for k in self.shapes}
 
     @staticmethod
