@@ -163,10 +163,10 @@ def test_import_gives_lwm_logits(tmp_path, monkeypatch, stacked, dtype, vision, 
     np.testing.assert_allclose(vis, ref_vision[:, : vis.shape[1]], atol=1e-4, rtol=1e-4)
 
 
-def lwm_vqgan(seed, base=32, mult=(1, 2), latent=16, codes=64):
+def lwm_vqgan(seed, base=32, mult=(1, 2), latent=16, codes=64, up_res=None):
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, shape in lwm.lwm_vqgan_shapes(base, mult, 2, latent, codes).items():
+    for path, shape in lwm.lwm_vqgan_shapes(base, mult, 2, latent, codes, up_res).items():
         scale = path.endswith("/scale")
         flat[path] = (1.0 + 0.1 * rng.standard_normal(shape) if scale else
                       rng.standard_normal(shape) / np.sqrt(np.prod(shape[:-1]) if len(shape) > 1 else 10)).astype(np.float32)  # fmt: skip
@@ -179,8 +179,9 @@ def lwm_vqgan(seed, base=32, mult=(1, 2), latent=16, codes=64):
     return tree, flat
 
 
-def lwm_encode(flat, frames):
-    """LWM's VQGAN encoder + quantizer (zero-pad (0,1) + VALID stride-2 downsampling, GroupNorm(32, 1e-6))."""
+def lwm_ops(flat):
+    """LWM's VQGAN layers on a flat tree: conv (HWIO), GroupNorm(32, eps 1e-6), ResnetBlock (1x1 Conv_2 shortcut
+    where present)."""
     import jax
     import jax.numpy as jnp
 
@@ -200,6 +201,15 @@ def lwm_encode(flat, frames):
         h = conv(jax.nn.silu(gn(h, f"{path}/GroupNorm_1")), f"{path}/Conv_1")
         return (conv(x, f"{path}/Conv_2") if f"{path}/Conv_2/kernel" in flat else x) + h
 
+    return conv, gn, block
+
+
+def lwm_encode(flat, frames):
+    """LWM's VQGAN encoder + quantizer (zero-pad (0,1) + VALID stride-2 downsampling, GroupNorm(32, 1e-6))."""
+    import jax
+    import jax.numpy as jnp
+
+    conv, gn, block = lwm_ops(flat)
     x = conv(jnp.asarray(frames, jnp.float32) / 127.5 - 1, "encoder/Conv_0")
     for i in range(2):
         for j in range(2):
@@ -214,6 +224,93 @@ def lwm_encode(flat, frames):
     e = flat["quantize/embeddings"]
     d = (z**2).sum(1, keepdims=True) + (e**2).sum(1)[None] - 2 * z @ e.T
     return np.asarray(jnp.argmin(d, 1)).reshape(len(frames), *x.shape[1:3])
+
+
+def lwm_decode(flat, codes):
+    """LWM's VQGAN decode (float32, pixels in about [-1, 1]), its structure read off the tree: code vectors ->
+    post_quant_conv -> Conv_0 -> MidBlock_0 -> UpsamplingBlock_0.. (every ResnetBlock_j in order, then
+    Upsample_0 = nearest x2 + 3x3 conv where present) -> GroupNorm_0, swish, Conv_1."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    conv, gn, block = lwm_ops(flat)
+
+    def count(pattern):
+        return len({m.group(1) for p in flat if (m := re.match(pattern, p))})
+
+    x = jnp.asarray(flat["quantize/embeddings"])[jnp.asarray(codes)]
+    x = conv(conv(x, "post_quant_conv"), "decoder/Conv_0")
+    for j in range(count(r"decoder/MidBlock_0/ResnetBlock_(\d+)/")):
+        x = block(x, f"decoder/MidBlock_0/ResnetBlock_{j}")
+    for u in range(count(r"decoder/UpsamplingBlock_(\d+)/")):
+        for j in range(count(rf"decoder/UpsamplingBlock_{u}/ResnetBlock_(\d+)/")):
+            x = block(x, f"decoder/UpsamplingBlock_{u}/ResnetBlock_{j}")
+        if f"decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0/kernel" in flat:
+            x = jnp.repeat(jnp.repeat(x, 2, 1), 2, 2)
+            x = conv(x, f"decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0")
+    return np.asarray(conv(jax.nn.silu(gn(x, "decoder/GroupNorm_0")), "decoder/Conv_1"))
+
+
+def our_decode(tokenizer, codes):
+    """This project's float decode (before the uint8 cast) with a loaded VQGANTokenizer's config and variables."""
+    from lvm.tokenizers.vqgan import VQGAN
+
+    return np.asarray(
+        VQGAN(tokenizer.cfg).apply(tokenizer.variables, np.asarray(codes, np.int32), method=VQGAN.decode)
+    )
+
+
+@pytest.mark.parametrize("mult,up_res", [((1, 2, 2), None), ((1, 2), 1)], ids=["lwm-3-blocks", "1-block"])
+def test_vqgan_import_maps_every_tensor_and_decodes_as_lwm(tmp_path, mult, up_res):
+    from flax.traverse_util import flatten_dict
+
+    from lvm.tokenizers import train_vqgan
+
+    vq_tree, vq_flat = lwm_vqgan(9, mult=mult, up_res=up_res)
+    (tmp_path / "vqgan").write_bytes(pickle.dumps(vq_tree))
+    summary = lwm.convert_vqgan(str(tmp_path / "vqgan"), tmp_path / "vq", log=lambda *_: None)
+    tok = train_vqgan.load_tokenizer(tmp_path / "vq")
+    cfg = tok.cfg
+    want = 3 if up_res is None else up_res  # LWM's released layout: num_res_blocks + 1
+    assert (cfg.num_res_blocks, cfg.decoder_res_blocks, cfg.up_res_blocks) == (2, want, want)
+    assert summary["vqgan_tensors"] == len(vq_flat)
+    # Nothing dropped: every LWM tensor has exactly one place in our tree (the codebook aside).
+    names = lwm.vqgan_name_map(cfg)
+    used = [names[f"params/{'/'.join(k)}"] for k in flatten_dict(tok.variables["params"])]
+    assert sorted(used) == sorted(set(vq_flat) - {"quantize/embeddings"})
+    codes = np.random.default_rng(10).integers(0, 64, (2, *cfg.code_shape))
+    ref = lwm_decode(vq_flat, codes)
+    ours = our_decode(tok, codes)
+    assert ours.shape == ref.shape == (2, cfg.resolution, cfg.resolution, 3)
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+    pixels = np.clip(np.round((ref.astype(np.float64) + 1) * 127.5), 0, 255)
+    assert np.abs(tok.decode(codes).astype(np.int32) - pixels).max() <= 1  # rounding ties only
+
+
+def test_decoder_res_blocks_default_keeps_the_tree():
+    import jax
+    from flax.traverse_util import flatten_dict
+
+    from lvm.tokenizers.config import ModelConfig, load_config
+    from lvm.tokenizers.vqgan import init_variables
+
+    tiny = load_config("tiny").model
+    assert tiny.decoder_res_blocks is None and tiny.up_res_blocks == tiny.num_res_blocks
+    tree = lambda cfg: {
+        k: v.shape for k, v in flatten_dict(jax.eval_shape(lambda: init_variables(cfg))).items()
+    }
+    import dataclasses
+
+    same = dataclasses.replace(tiny, decoder_res_blocks=tiny.num_res_blocks)
+    assert tree(same) == tree(tiny)
+    more = tree(dataclasses.replace(tiny, decoder_res_blocks=tiny.num_res_blocks + 1))
+    assert len(more) > len(tree(tiny))
+    with pytest.raises(ValueError, match="decoder_res_blocks=0 must be positive"):
+        ModelConfig(decoder_res_blocks=0)
+    with pytest.raises(ValueError, match="decoder_res_blocks"):
+        load_config("tiny", ["model.decoder_res_blocks=-1"])
 
 
 def test_convert_lwm_command_from_gcs_gives_a_folder_qa_loads(gcs_server, tmp_path, monkeypatch):  # noqa: F811
@@ -235,12 +332,14 @@ def test_convert_lwm_command_from_gcs_gives_a_folder_qa_loads(gcs_server, tmp_pa
             "--param-dtype", "float32", "--set", "model.dtype=float32"]  # fmt: skip
     assert run_command("convert-lwm", argv) == 0
     summary = json.loads((out / "conversion.json").read_text())
-    # Each LWM decoder level's extra (last) ResNet block is the only thing without a counterpart.
-    assert {p.split("/ResnetBlock_2/")[0] for p in summary["vqgan_dropped"]} == {
-        "decoder/UpsamplingBlock_0", "decoder/UpsamplingBlock_1"}  # fmt: skip
+    assert summary["vqgan_tensors"] == len(vq_flat) and summary["vqgan_config"]["decoder_res_blocks"] == 3
     model = load_model(out)  # the `lvm qa` / `lvm generate` entry point: params, config, both tokenizers
     frames = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(model.vqgan.encode(frames), lwm_encode(vq_flat, frames))
+    codes = model.vqgan.encode(frames)
+    np.testing.assert_array_equal(codes, lwm_encode(vq_flat, frames))
+    np.testing.assert_allclose(
+        our_decode(model.vqgan, codes), lwm_decode(vq_flat, codes), atol=2e-5, rtol=1e-5
+    )
     tokens, vision_mask = inputs(5)
     text_logits, _, _ = our_logits(out, tokens, vision_mask)
     np.testing.assert_allclose(text_logits, lwm_logits(tree, tokens, vision_mask)[0], atol=1e-4, rtol=1e-4)
@@ -309,14 +408,17 @@ def test_lwm_tree_builders_match_the_manifest():
     vq = shapes("vqgan")
     assert lwm.lwm_vqgan_shapes(128, (1, 2, 2, 4, 6), 2, 64, 8192) == vq
     cfg = lwm.vqgan_model_config({k: np.empty(shape, np.uint8) for k, shape in vq.items()})
-    assert cfg == ModelConfig()  # the project's default VQGAN is LWM's
+    # The project's default VQGAN is LWM's, with LWM's 3 ResNet blocks per decoder up level (2 in the middle).
+    assert cfg == ModelConfig(decoder_res_blocks=3)
     ours = {
         "/".join(k): v.shape for k, v in flatten_dict(jax.eval_shape(lambda: init_variables(cfg))).items()
     }
     names = lwm.vqgan_name_map(cfg)
+    mapped = {names[path] for path in ours if path.startswith("params/")}
     for path, shape in ours.items():
         if path.startswith("params/"):
             assert vq[names[path]] == shape, path
+    assert mapped == set(vq) - {"quantize/embeddings"}  # every LWM tensor has its place: nothing dropped
 
 
 def test_export_hf_logits_match_transformers(tmp_path, monkeypatch):

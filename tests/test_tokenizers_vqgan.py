@@ -27,7 +27,9 @@ def frames():
 
 def test_default_config_is_lwm_tokenizer():
     cfg = vq_config.load_config("default").model
-    assert cfg == vq_config.ModelConfig()  # the YAML spells out the defaults
+    assert cfg == vq_config.ModelConfig(
+        decoder_res_blocks=3
+    )  # the YAML spells out the defaults (LWM: 3 up blocks)
     assert (cfg.resolution, cfg.base_channels, cfg.channel_mult, cfg.num_res_blocks) == (
         256,
         128,

@@ -23,12 +23,15 @@ DTYPES = ("float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """VQGAN network (defaults: the open 256x256 tokenizer LWM uses, 16x16 = 256 codes per frame)."""
+    """VQGAN network (defaults: the open 256x256 tokenizer LWM uses, 16x16 = 256 codes per frame, except that
+    LWM's decoder has decoder_res_blocks=3; `lvm convert-lwm` sets it from the imported tree)."""
 
     resolution: int = 256  # frames are resolution x resolution x 3
     base_channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 2, 4, 6)  # one level each; every level but the last halves H, W
     num_res_blocks: int = 2  # ResNet blocks per level (and in the middle)
+    # ResNet blocks per decoder up level; None: num_res_blocks. LWM's tokenizer has num_res_blocks + 1 (3).
+    decoder_res_blocks: int | None = None
     norm_groups: int = 32  # GroupNorm groups; must divide every channel count
     latent_dim: int = 64  # encoder output = codebook vector size
     codebook_size: int = 8192
@@ -53,6 +56,10 @@ class ModelConfig:
             "norm_groups",
         ):
             _require(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be positive")
+        _require(
+            self.decoder_res_blocks is None or self.decoder_res_blocks > 0,
+            f"model.decoder_res_blocks={self.decoder_res_blocks} must be positive (or null: num_res_blocks)",
+        )
         _require(0 < self.ema_decay < 1, f"model.ema_decay={self.ema_decay} must lie in (0, 1)")
         factor = self.downsample_factor
         _require(
@@ -67,6 +74,11 @@ class ModelConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def up_res_blocks(self) -> int:
+        """ResNet blocks per decoder up level (`decoder_res_blocks`, or `num_res_blocks` when unset)."""
+        return self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks
 
     @property
     def code_shape(self) -> tuple[int, int]:

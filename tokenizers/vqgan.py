@@ -3,7 +3,9 @@
 Architecture (default config = the open 256x256 tokenizer LWM uses): conv 3x3 -> per level `num_res_blocks`
 ResNet blocks (GroupNorm + SiLU, no attention) and a stride-2 conv downsample (all levels but the last) -> middle
 ResNet blocks -> GroupNorm, SiLU, conv to `latent_dim` -> 1x1 quant conv -> quantizer; decoding mirrors it with a
-1x1 post-quant conv and nearest-neighbour 2x upsampling + conv 3x3. Arrays are NHWC; pixels are in [-1, 1].
+1x1 post-quant conv, conv 3x3, `num_res_blocks` middle ResNet blocks, then per level `up_res_blocks` ResNet blocks
+(`decoder_res_blocks`, default `num_res_blocks`; LWM's tokenizer has 3) and nearest-neighbour 2x upsampling +
+conv 3x3 (all levels but the last). Arrays are NHWC; pixels are in [-1, 1].
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class Decoder(nn.Module):
         for _ in range(cfg.num_res_blocks):
             h = ResBlock(h.shape[-1], cfg.norm_groups, dtype)(h)
         for level in reversed(range(len(cfg.channel_mult))):
-            for _ in range(cfg.num_res_blocks):
+            for _ in range(cfg.up_res_blocks):
                 h = ResBlock(cfg.base_channels * cfg.channel_mult[level], cfg.norm_groups, dtype)(h)
             if level > 0:
                 b, hh, ww, c = h.shape

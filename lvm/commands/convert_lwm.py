@@ -45,5 +45,5 @@ def run(args) -> int:
         trust_pickle=args.trust_pickle, head_dim=args.head_dim, rope_theta=args.theta, seq_len=args.seq_len,
         param_dtype=args.param_dtype, rope_layout=args.rope_layout, overrides=args.set,
     )  # fmt: skip
-    print(json.dumps({k: v for k, v in summary.items() if k != "vqgan_dropped"}))
+    print(json.dumps(summary))
     return 0

@@ -19,9 +19,9 @@ model. LWM rotates interleaved pairs (2i, 2i+1) (`model.rope_layout=interleaved`
 `rope_layout="half"` the q/k output columns of each head are permuted at import to Hugging Face's pairs (i, i+hd/2).
 
 The VQGAN (a pickle, read with `safe_pickle`) maps onto `lvm.tokenizers.vqgan` names by walking both networks in
-construction order (`vqgan_name_map`). One difference is not mappable: LWM's decoder has num_res_blocks + 1
-ResNet blocks per up level, this project's has num_res_blocks, so each level's last LWM decoder block is
-dropped (encoding, which `lvm qa` uses, is exact; decoded frames are not LWM's).
+construction order (`vqgan_name_map`). LWM's decoder has num_res_blocks + 1 ResNet blocks per up level (3 in
+the released tokenizer); the import reads that count from the pickle into `decoder_res_blocks`, so every tensor
+is mapped, none dropped: encoding (what `lvm qa` uses) and decoding (`lvm generate` of video) are LWM's.
 """
 
 from __future__ import annotations
@@ -290,8 +290,12 @@ def _flat(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
 # The VQGAN
 
 
-def lwm_vqgan_shapes(base: int, mult: Sequence[int], n_res: int, latent: int, codes: int) -> dict[str, tuple]:
-    """LWM's VQGAN tree ('/'-joined paths -> shapes) for a config (LWM's: 128, (1,2,2,4,6), 2, 64, 8192)."""
+def lwm_vqgan_shapes(
+    base: int, mult: Sequence[int], n_res: int, latent: int, codes: int, up_res: int | None = None
+) -> dict[str, tuple]:
+    """LWM's VQGAN tree ('/'-joined paths -> shapes) for a config (LWM's: 128, (1,2,2,4,6), 2, 64, 8192);
+    `up_res` ResNet blocks per decoder up level (None: LWM's n_res + 1)."""
+    up_res = n_res + 1 if up_res is None else up_res
     out: dict[str, tuple] = {}
 
     def conv(path, k, cin, cout):
@@ -323,7 +327,7 @@ def lwm_vqgan_shapes(base: int, mult: Sequence[int], n_res: int, latent: int, co
     out["quantize/embeddings"] = (codes, latent)
     conv("decoder/Conv_0", 3, latent, c)
     for u, level in enumerate(reversed(range(len(chans)))):
-        for j in range(n_res + 1):
+        for j in range(up_res):
             resblock(f"decoder/UpsamplingBlock_{u}/ResnetBlock_{j}", c, chans[level])
             c = chans[level]
         if level > 0:
@@ -346,26 +350,39 @@ def vqgan_model_config(flat: dict):
     mult = tuple(
         shape(f"encoder/DownsamplingBlock_{i}/ResnetBlock_0/Conv_1/kernel")[-1] // base for i in range(levels)
     )
-    n_res = len({p.split("/")[2] for p in flat if p.startswith("encoder/DownsamplingBlock_0/ResnetBlock_")})
+
+    def blocks(prefix):  # ResNet blocks directly under `prefix`
+        return len({p.split("/")[2] for p in flat if p.startswith(f"{prefix}/ResnetBlock_")})
+
+    n_res = blocks("encoder/DownsamplingBlock_0")
+    up_res = blocks("decoder/UpsamplingBlock_0")
+    for prefix, want in [(f"encoder/DownsamplingBlock_{i}", n_res) for i in range(levels)] + [
+        (f"decoder/UpsamplingBlock_{u}", up_res) for u in range(levels)
+    ]:
+        if blocks(prefix) != want:
+            raise ValueError(f"LWM VQGAN {prefix} has {blocks(prefix)} ResNet blocks, its first level {want}")
     codes, latent = shape("quantize/embeddings")
     if shape("encoder/Conv_1/kernel")[-1] != latent:
         raise ValueError(
             "LWM VQGAN z_channels differs from the codebook dimension; this project needs them equal"
         )
-    if n_res != 2:
-        raise ValueError(
-            f"LWM's middle blocks hold 2 ResNet blocks; this project's hold num_res_blocks={n_res}"
-        )
+    for mid in ("encoder/MidBlock_0", "decoder/MidBlock_0"):
+        if blocks(mid) != n_res:
+            raise ValueError(
+                f"LWM VQGAN {mid} holds {blocks(mid)} ResNet blocks; this project's middle blocks hold "
+                f"num_res_blocks={n_res} (the ResNet blocks per encoder level)"
+            )
     resolution = 16 * 2 ** (levels - 1)  # LWM: 16x16 codes per frame
     return ModelConfig(
-        resolution=resolution, base_channels=base, channel_mult=mult, num_res_blocks=n_res, norm_groups=32,
-        latent_dim=latent, codebook_size=codes, quantizer="ema", dtype="float32",
+        resolution=resolution, base_channels=base, channel_mult=mult, num_res_blocks=n_res,
+        decoder_res_blocks=up_res, norm_groups=32, latent_dim=latent, codebook_size=codes, quantizer="ema",
+        dtype="float32",
     )  # fmt: skip
 
 
 def vqgan_name_map(cfg) -> dict[str, str]:
     """Our VQGAN param path ('params/...') -> LWM path, walking both networks in construction order."""
-    n, n_res = len(cfg.channel_mult), cfg.num_res_blocks
+    n, n_res, up_res = len(cfg.channel_mult), cfg.num_res_blocks, cfg.up_res_blocks
     out: dict[str, str] = {}
     conv_i, rb = 1, 0
 
@@ -402,7 +419,7 @@ def vqgan_name_map(cfg) -> dict[str, str]:
     for j in range(n_res):
         resblock("decoder", f"decoder/MidBlock_0/ResnetBlock_{j}")
     for u, level in enumerate(reversed(range(n))):
-        for j in range(n_res):  # LWM's ResnetBlock_{n_res} of each level has no counterpart here
+        for j in range(up_res):
             resblock("decoder", f"decoder/UpsamplingBlock_{u}/ResnetBlock_{j}")
         if level > 0:
             module(
@@ -427,7 +444,8 @@ def flatten_tree(tree, prefix: str = "") -> dict[str, np.ndarray]:
 
 
 def convert_vqgan(uri: str, out_dir: str | Path, trust_pickle: bool = False, log=print) -> dict:
-    """Read LWM's VQGAN pickle and write this project's VQGAN workdir at `out_dir`; returns what was dropped."""
+    """Read LWM's VQGAN pickle and write this project's VQGAN workdir at `out_dir`; every LWM tensor is mapped
+    (one that is not stops the import). Returns the config and the number of tensors read."""
     import jax
     from flax.traverse_util import unflatten_dict
 
@@ -459,11 +477,16 @@ def convert_vqgan(uri: str, out_dir: str | Path, trust_pickle: bool = False, log
         "codebook/quantizer/cluster_size": np.ones(len(codebook), np.float32),
         "codebook/quantizer/hits": np.zeros(len(codebook), np.float32),
     }
-    dropped = sorted(set(flat) - set(names.values()) - {"quantize/embeddings"})
-    if dropped:
-        log(
-            f"  VQGAN: {len(dropped)} LWM decoder tensors have no counterpart (see lvm.interop.lwm); decoding is approximate"
+    unmapped = sorted(set(flat) - set(names.values()) - {"quantize/embeddings"})
+    if unmapped:
+        raise ValueError(
+            f"the VQGAN pickle has {len(unmapped)} tensors this project's VQGAN has no place for, e.g. "
+            f"{unmapped[:3]}: not LWM's VQGAN layout"
         )
+    log(
+        f"  VQGAN: all {len(flat)} tensors mapped ({cfg.num_res_blocks} ResNet blocks per encoder level, "
+        f"{cfg.up_res_blocks} per decoder level)"
+    )
     workdir = Path(out_dir)
     shutil.rmtree(workdir, ignore_errors=True)
     train_vqgan.save_config(VQGANConfig(model=cfg), workdir)
@@ -472,7 +495,7 @@ def convert_vqgan(uri: str, out_dir: str | Path, trust_pickle: bool = False, log
     mngr.save(0, args=train_vqgan.ocp.args.Composite(model=train_vqgan.ocp.args.StandardSave(tree)))
     mngr.wait_until_finished()
     mngr.close()
-    return {"vqgan_config": dataclasses.asdict(cfg), "vqgan_dropped": dropped}
+    return {"vqgan_config": dataclasses.asdict(cfg), "vqgan_tensors": len(flat)}
 
 
 # ----------------------------------------------------------------------------------------------------------
