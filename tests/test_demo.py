@@ -16,6 +16,7 @@ TOY = DemoConfig(
         StagePlan("s2", 1024, "1,4,1,2", 4, 2, 4e4, 8, (20, 40), 4),
         StagePlan("s3", 1536, "1,2,1,4", 2, 2, 1.6e5, 4, (80, 84), 4),
     ),
+    res=32,
     vqgan_clips=8,
     vqgan_steps=4,
 )

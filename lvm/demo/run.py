@@ -26,9 +26,7 @@ from pathlib import Path
 from lvm.demo import corpus
 
 FPS = 4  # native rate of the scene videos and the sampling rate (every frame is used)
-RES = 32
-NEEDLE_FRAMES = 3
-FRAME_TOKENS = 17  # 4 x 4 codes + <eof>/<eov>
+NEEDLE_FRAMES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +49,22 @@ class DemoConfig:
         StagePlan("4k", 4096, "1,4,1,2", 4, 40, 4e4, 160, (100, 236), 24),
         StagePlan("8k", 8704, "1,2,1,4", 2, 24, 1.6e5, 48, (480, 490), 50),
     )
+    res: int = 64  # frame size; the tiny VQGAN makes (res / 8)^2 codes per frame
     vqgan_clips: int = 48
-    vqgan_steps: int = 600
+    vqgan_steps: int = 500
     text_weight: float = 0.1
     seed: int = 0
     lr: float = 3e-3
     room: int = 64  # tokens kept after a video for question and answer
 
 
-def eval_frames(seq_len: int, room: int) -> int:
+def frame_tokens(res: int) -> int:
+    return (res // 8) ** 2 + 1  # codes + <eof>/<eov>
+
+
+def eval_frames(seq_len: int, room: int, res: int) -> int:
     """Frames of a held-out video that fill a context of seq_len tokens (minus the chat template and room)."""
-    return (seq_len - room - 32) // FRAME_TOKENS
+    return (seq_len - room - 32) // frame_tokens(res)
 
 
 class Demo:
@@ -84,12 +87,12 @@ class Demo:
 
     def data(self) -> None:
         c, v = self.cfg, self.out / "videos"
-        corpus.write_vqgan_clips(v / "vqgan", c.vqgan_clips, 16, 8, RES, c.seed + 1)
+        corpus.write_vqgan_clips(v / "vqgan", c.vqgan_clips, 16, 8, c.res, c.seed + 1)
         for k, s in enumerate(c.stages):
-            corpus.write_training_set(v / s.name / "train", s.train_videos, s.train_frames, NEEDLE_FRAMES, RES,
+            corpus.write_training_set(v / s.name / "train", s.train_videos, s.train_frames, NEEDLE_FRAMES, c.res,
                                       c.seed + 10 + k, FPS)  # fmt: skip
-            corpus.write_eval_set(v / s.name / "eval", s.eval_videos, eval_frames(s.seq_len, c.room),
-                                  NEEDLE_FRAMES, RES, c.seed + 20 + k, FPS)  # fmt: skip
+            corpus.write_eval_set(v / s.name / "eval", s.eval_videos, eval_frames(s.seq_len, c.room, c.res),
+                                  NEEDLE_FRAMES, c.res, c.seed + 20 + k, FPS)  # fmt: skip
         corpus.write_text_manifest(v / "text")
 
     # 2. tokenizers ---------------------------------------------------------------------------------------------
@@ -217,12 +220,11 @@ class Demo:
         server = None
         bucket = str(self.out / "bucket")
         if self.gcs:
-            from lvm.data_pipeline import storage
-            from lvm.data_pipeline.emulator import FakeGCS
+            from lvm.data_pipeline.emulator import FakeGCS, set_environ
 
             server = FakeGCS(root=str(self.out / "gcs")).start()
             server.create_bucket("lvm-demo")
-            storage.reset_gcs_client()
+            set_environ(server.url)
             bucket = "gs://lvm-demo/corpora"
         try:
             corpora = self.phase("pretokenize", lambda: self.pretokenize(sp, vq, bucket))

@@ -1,7 +1,7 @@
 """Procedural long videos with one needle event, and questions about it (the demo's QA corpus).
 
-A scene: a slowly drifting grey texture with a few grey shapes wandering over it; at one moment (the needle)
-a large shape of one of four colours appears for `needle_frames` frames. Questions ask which colour and which
+A scene: a slowly drifting grey texture with two small grey discs wandering over it; at one moment (the needle)
+a large shape (70-85% of the frame, near the centre) of one of four colours appears for `needle_frames` frames. Questions ask which colour and which
 shape the needle had; each has four options, one per colour / shape, and answers are balanced by
 construction (the needle's colour and shape cycle through all values). Everything is seeded.
 """
@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 235), "yellow": (235, 220, 40)}
-SHAPES = ("square", "circle", "triangle", "bar")
+SHAPES = ("square", "bar", "column", "cross")  # distinct even at 4 x 4 codes per frame
 QUESTIONS = {
     "colour": ("What colour was the shape that appeared?", tuple(COLOURS)),
     "shape": ("What shape appeared?", SHAPES),
@@ -28,39 +28,41 @@ class Needle:
     frames: int
 
 
-def _mask(shape: str, size: int, cx: float, cy: float, res: int) -> np.ndarray:
+def _mask(shape: str, size: float, cx: float, cy: float, res: int) -> np.ndarray:
     y, x = np.mgrid[0:res, 0:res].astype(np.float32)
-    dx, dy, r = x - cx, y - cy, size / 2
+    dx, dy, r = np.abs(x - cx), np.abs(y - cy), size / 2
+    bar = (dx <= r) & (dy <= r / 3)  # horizontal
+    column = (dx <= r / 3) & (dy <= r)
     if shape == "square":
-        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
-    if shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape == "triangle":  # apex up
-        return (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
-    return (np.abs(dx) <= r) & (np.abs(dy) <= r / 3)  # a horizontal bar
+        return (dx <= r) & (dy <= r)
+    if shape == "bar":
+        return bar
+    if shape == "column":
+        return column
+    return bar | column  # a cross
 
 
 def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
     """uint8 [frames, res, res, 3]: the grey moving scene with the needle shown at its frames."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:res, 0:res].astype(np.float32)
-    fx, fy, phase = rng.uniform(0.1, 0.35, 2).tolist() + [rng.uniform(0, 6.28)]
-    base = rng.uniform(70, 150)
-    walkers = [(rng.uniform(0, res, 2), rng.uniform(-0.6, 0.6, 2), rng.uniform(4, 7), rng.uniform(40, 210))
-               for _ in range(3)]  # fmt: skip
-    cx, cy = rng.uniform(res * 0.35, res * 0.65, 2)
-    size = rng.uniform(res * 0.5, res * 0.65)
+    fx, fy, phase = rng.uniform(0.1, 0.3, 2).tolist() + [rng.uniform(0, 6.28)]
+    base = rng.uniform(90, 140)
+    walkers = [(rng.uniform(0, res, 2), rng.uniform(-0.6, 0.6, 2) * res / 32, rng.uniform(2.5, 4) * res / 32, rng.uniform(60, 190))
+               for _ in range(2)]  # fmt: skip
+    cx, cy = res / 2 + rng.uniform(-2, 2, 2) * res / 32
+    size = rng.uniform(res * 0.7, res * 0.85)
     needle_mask = _mask(needle.shape, size, cx, cy, res)
     out = np.empty((frames, res, res, 3), np.uint8)
     for t in range(frames):
-        tex = base + 30 * np.sin(fx * x + 0.05 * t + phase) * np.cos(fy * y - 0.03 * t)
+        tex = base + 15 * np.sin(fx * x * 32 / res + 0.05 * t + phase) * np.cos(fy * y * 32 / res - 0.03 * t)
         img = np.repeat(tex[..., None], 3, axis=-1)
         for p, v, r, g in walkers:
             px, py = (p + v * t) % res
             img[(x - px) ** 2 + (y - py) ** 2 <= r * r] = g
         if needle.start <= t < needle.start + needle.frames:
             img[needle_mask] = COLOURS[needle.colour]
-        out[t] = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+        out[t] = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
     return out
 
 
