@@ -45,16 +45,16 @@ class StagePlan:
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     stages: tuple[StagePlan, ...] = (
-        StagePlan("2k", 2048, "1,8,1,1", 8, 150, 1e4, 1200, (16, 40), 24),
-        StagePlan("4k", 4096, "1,4,1,2", 4, 40, 4e4, 160, (100, 236), 24),
-        StagePlan("8k", 8704, "1,2,1,4", 2, 24, 1.6e5, 48, (480, 490), 50),
+        StagePlan("2k", 2048, "1,8,1,1", 8, 200, 1e4, 2000, (3, 12), 24),
+        StagePlan("4k", 4096, "1,4,1,2", 4, 40, 4e4, 160, (60, 236), 24),
+        StagePlan("8k", 8704, "1,2,1,4", 2, 24, 1.6e5, 48, (482, 490), 50),
     )
-    res: int = 64  # frame size; the tiny VQGAN makes (res / 8)^2 codes per frame
+    res: int = 32  # frame size; the tiny VQGAN makes (res / 8)^2 codes per frame
     vqgan_clips: int = 48
-    vqgan_steps: int = 500
-    text_weight: float = 0.1
+    vqgan_steps: int = 1000
+    text_weight: float = 0.05
     seed: int = 0
-    lr: float = 3e-3
+    lr: float = 5e-3
     room: int = 64  # tokens kept after a video for question and answer
 
 
