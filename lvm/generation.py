@@ -117,7 +117,6 @@ class Generator:
 
     def extend_chunked(self, cache: KVCache, ids: np.ndarray, vision: np.ndarray, chunk: int = 32):
         """`extend` in pieces of at most `chunk` tokens (attention memory grows with T x cache)."""
-        text = vis_logits = None
         outs_t, outs_v = [], []
         for a in range(0, ids.shape[1], chunk):
             text, vis_logits, cache = self.extend(cache, ids[:, a : a + chunk], vision[:, a : a + chunk])

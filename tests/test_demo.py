@@ -43,3 +43,36 @@ def test_toy_demo_runs_every_phase_through_gcs(tmp_path):
     # the corpora went through gs:// (the training runs read them from the loopback server)
     cfg = (tmp_path / "curriculum" / "stages" / "s1" / "config.yaml").read_text()
     assert "gs://lvm-demo/corpora/s1" in cfg
+
+
+def test_baselines_ask_each_video_the_previous_videos_questions():
+    """An oracle that reads the needle from the video: perfect accuracy, and the mismatched-video baseline is
+    exactly the share of consecutive videos whose answers agree (computed here by hand)."""
+    from lvm.demo import scenes
+    from lvm.demo.evaluate import Evaluator
+
+    colours, shapes = list(scenes.COLOURS), scenes.SHAPES
+    items = [{"video": f"v{i}", "colour": colours[i % 4], "shape": shapes[(i // 2) % 4], "depth": i / 8}
+             for i in range(8)]  # fmt: skip
+    truth = {it["video"]: it for it in items}
+
+    class Oracle:
+        def video_context(self, codes, room):
+            return codes  # the "codes" are the video name
+
+        def option_logprobs(self, ctx, question, options):
+            kind = next(k for k, (q, _) in scenes.QUESTIONS.items() if q == question)
+            answer = f"{truth[ctx][kind].capitalize()}."
+            return [0.0 if o == answer else -1.0 for o in options]
+
+        def question_only_logprobs(self, question, options):
+            return [0.0] + [-1.0] * (len(options) - 1)
+
+    ev = Evaluator(room=8, fps=4)
+    ev.codes = {it["video"]: it["video"] for it in items}
+    r = ev.run(Oracle(), items, "test", baselines=True)
+    assert r["accuracy"] == 1.0 and r["questions"] == 16
+    agree = [items[i][k] == items[i - 1][k] for i in range(1, 8) for k in ("colour", "shape")]
+    assert r["mismatched_video"] == pytest.approx(sum(agree) / len(agree))
+    only = [it["colour"] == colours[0] for it in items] + [it["shape"] == shapes[0] for it in items]
+    assert r["question_only"] == pytest.approx(sum(only) / len(only))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-
 from lvm import distributed
-from lvm.commands.train import EXIT_NONFINITE, EXIT_PREEMPTED
+from lvm.commands.train import EXIT_NONFINITE, EXIT_PREEMPTED, stop_on_nonfinite
 
 
 def add_arguments(parser) -> None:
@@ -29,11 +27,11 @@ def run(args) -> int:
     cur = load_curriculum(args.config, args.set)
     distributed.initialize(args)
     from lvm.curriculum import run_curriculum
-    from lvm.trainer import NonFiniteLossError
 
-    try:
-        summary = run_curriculum(cur, args.workdir, init_from=args.init_from, progress=not args.no_progress)
-    except NonFiniteLossError as err:
-        print(f"lvm curriculum: error: {err}", file=sys.stderr)
+    summary = stop_on_nonfinite(
+        "curriculum",
+        lambda: run_curriculum(cur, args.workdir, init_from=args.init_from, progress=not args.no_progress),
+    )
+    if summary is None:
         return EXIT_NONFINITE
     return 0 if summary["complete"] else EXIT_PREEMPTED

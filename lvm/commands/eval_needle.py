@@ -6,11 +6,13 @@ import json
 import sys
 from pathlib import Path
 
+from lvm.commands.common import add_model_arguments, model_from
+
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="training workdir or `lvm export` folder")
+    add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="folder for needle_{mode}.json and needle_{mode}.png")
     parser.add_argument("--mode", choices=("text", "video"), default="text", help="default: %(default)s")
     parser.add_argument(
@@ -34,17 +36,13 @@ def add_arguments(parser) -> None:
     video.add_argument("--question", default="What colour is the video?", help="question about the needle")
     video.add_argument("--answer", default="Red", help="expected answer (substring match, case-insensitive)")
     video.add_argument("--options", nargs="+", help="also score by option log-likelihood (answer is one)")
-    parser.add_argument("--mesh", help="dp,fsdp,tp,sp for inference (default: sp over all devices)")
-    parser.add_argument("--text-tokenizer", help="override the checkpoint's SentencePiece model")
-    parser.add_argument("--vqgan", help="override the checkpoint's VQGAN workdir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def run(args) -> int:
     from lvm.evals import needle
-    from lvm.inference import load_model
 
-    model = load_model(args.checkpoint, text_tokenizer=args.text_tokenizer, vqgan=args.vqgan, mesh=args.mesh)
+    model = model_from(args)
     progress = not args.no_progress
     if args.mode == "text":
         filler = Path(args.filler).read_text() if args.filler else needle.FILLER

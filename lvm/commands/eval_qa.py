@@ -6,32 +6,26 @@ import json
 import sys
 from pathlib import Path
 
+from lvm.commands.common import add_frame_arguments, add_model_arguments, model_from
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="training workdir or `lvm export` folder")
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="JSONL of questions in the Video-MME layout")
     parser.add_argument("--video-dir", help="folder of {videoID}.mp4 files (and of relative `video` paths)")
     parser.add_argument("--out", required=True, help="report JSON to write")
-    parser.add_argument(
-        "--fps", type=float, help="sample frames at this rate (default: as many as fit, evenly)"
-    )
-    parser.add_argument("--num-frames", type=int, help="sample exactly this many frames, evenly")
-    parser.add_argument("--max-frames", type=int, help="at most this many frames")
+    add_frame_arguments(parser)
     parser.add_argument(
         "--max-new-tokens", type=int, default=8, help="generated answer length (default: %(default)s)"
     )
-    parser.add_argument("--mesh", help="dp,fsdp,tp,sp for inference (default: sp over all devices)")
-    parser.add_argument("--text-tokenizer", help="override the checkpoint's SentencePiece model")
-    parser.add_argument("--vqgan", help="override the checkpoint's VQGAN workdir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def run(args) -> int:
     from lvm.evals.qa import METHODS, evaluate, read_questions
-    from lvm.inference import load_model
 
     items = read_questions(args.data)
-    model = load_model(args.checkpoint, text_tokenizer=args.text_tokenizer, vqgan=args.vqgan, mesh=args.mesh)
+    model = model_from(args)
     report = evaluate(
         model,
         items,

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 import sys
 
-
-def add_sampling_arguments(parser) -> None:
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: off)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-
-
-def sampling_from(args):
-    from lvm.generation import Sampling
-
-    return Sampling(args.temperature, args.top_k, args.top_p)
+from lvm.commands.common import add_model_arguments, add_sampling_arguments, model_from, sampling_from
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="training workdir or `lvm export` folder")
+    add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--output", help="PNG (one frame) or mp4 to write; without it, text is generated")
     parser.add_argument(
@@ -28,14 +17,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fps", type=float, default=4.0, help="frame rate of a written mp4")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (0: off)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="text generation length limit")
-    parser.add_argument("--mesh", help="dp,fsdp,tp,sp for inference (default: sp over all devices)")
     add_sampling_arguments(parser)
 
 
 def run(args) -> int:
-    from lvm.inference import load_model
-
-    model = load_model(args.checkpoint, mesh=args.mesh)
+    model = model_from(args)
     sampling = sampling_from(args)
     if not args.output:
         text = model.generate_text(

@@ -5,28 +5,27 @@ from __future__ import annotations
 import json
 import sys
 
-from lvm.commands.generate import add_sampling_arguments, sampling_from
+from lvm.commands.common import (
+    add_frame_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    model_from,
+    sampling_from,
+)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="training workdir or `lvm export` folder")
+    add_model_arguments(parser)
     parser.add_argument("--video", required=True, help="video file or gs:// URI")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--question", help="one question")
     group.add_argument(
         "--questions", help='JSONL file of {"question": ...} lines (the video is encoded once)'
     )
-    parser.add_argument(
-        "--fps", type=float, help="sample frames at this rate (default: as many as fit, evenly)"
-    )
-    parser.add_argument("--num-frames", type=int, help="sample exactly this many frames, evenly")
-    parser.add_argument("--max-frames", type=int, help="at most this many frames")
+    add_frame_arguments(parser)
     parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="answer length limit (default: %(default)s)"
     )
-    parser.add_argument("--mesh", help="dp,fsdp,tp,sp for inference (default: sp over all devices)")
-    parser.add_argument("--text-tokenizer", help="override the checkpoint's SentencePiece model")
-    parser.add_argument("--vqgan", help="override the checkpoint's VQGAN workdir")
     add_sampling_arguments(parser)
 
 
@@ -43,10 +42,8 @@ def read_questions(path: str) -> list[str]:
 
 
 def run(args) -> int:
-    from lvm.inference import load_model
-
     questions = [args.question] if args.question else read_questions(args.questions)
-    model = load_model(args.checkpoint, text_tokenizer=args.text_tokenizer, vqgan=args.vqgan, mesh=args.mesh)
+    model = model_from(args)
     room = max(len(model.codec.encode(q)) for q in questions) + 32 + args.max_new_tokens
     codes = model.read_video(
         args.video, fps=args.fps, num_frames=args.num_frames, max_frames=args.max_frames, reserve=room

@@ -39,15 +39,26 @@ def load(args):
     return load_config(args.config, args.set)
 
 
+def stop_on_nonfinite(command: str, fn):
+    """`fn()`, or None after printing one error line when the loss became NaN/inf."""
+    from lvm.trainer import NonFiniteLossError
+
+    try:
+        return fn()
+    except NonFiniteLossError as err:
+        print(f"lvm {command}: error: {err}", file=sys.stderr)
+        return None
+
+
 def run(args) -> int:
     cfg = load(args)  # a bad config fails before jax starts
     distributed.initialize(args)
-    from lvm.trainer import NonFiniteLossError, train
+    from lvm.trainer import train
 
-    try:
-        result = train(cfg, args.workdir, init_from=args.init_from, progress=not args.no_progress)
-    except NonFiniteLossError as err:
-        print(f"lvm train: error: {err}", file=sys.stderr)
+    result = stop_on_nonfinite(
+        "train", lambda: train(cfg, args.workdir, init_from=args.init_from, progress=not args.no_progress)
+    )
+    if result is None:
         return EXIT_NONFINITE
     print(json.dumps(result.to_dict()))
     return EXIT_PREEMPTED if result.preempted else 0

@@ -40,20 +40,14 @@ class Evaluator:
         """Accuracy over both questions of every item; with `baselines`, also question-only and
         mismatched-video (item i's questions asked of item i+1's video) accuracy."""
         records, mismatched = [], []
-        contexts = []
-        for item in tqdm(items, desc=desc, leave=False):
+        for i, item in enumerate(tqdm(items, desc=desc, leave=False)):
             ctx = model.video_context(self.read(model, item["video"]), self.room)
             for kind in scenes.QUESTIONS:
                 pred = self.predict(model, ctx, kind)
                 records.append({"video": item["video"], "kind": kind, "depth": item["depth"],
                                 "answer": item[kind], "pred": pred, "correct": pred == item[kind]})  # fmt: skip
-            if baselines:
-                contexts.append(ctx)
-                if len(contexts) > 1:  # the previous item's questions against this video
-                    prev = items[len(contexts) - 2]
-                    for kind in scenes.QUESTIONS:
-                        mismatched.append({"correct": self.predict(model, ctx, kind) == prev[kind]})
-                contexts = contexts[-1:]
+                if baselines and i > 0:  # the previous item's question asked of this video
+                    mismatched.append({"correct": self.predict(model, ctx, kind) == items[i - 1][kind]})
         out = {
             "questions": len(records),
             "accuracy": accuracy(records),
