@@ -154,7 +154,7 @@ def generate_text(
         if not active.any():
             break
         text, _, cache = gen.extend(cache, ids[:, None], np.zeros((b, 1), bool))
-        logits = np.asarray(text[:, 0])
+        logits = text[:, 0]  # stays on device: only the sampled ids come to the host
     return out
 
 
@@ -191,8 +191,8 @@ def generate_vision(
             codes[:, f, i] = ids
             step = np.concatenate([ids, ids]) if guidance is not None else ids
             _, vis_logits, cache = gen.extend(cache, step[:, None], vision)
-            logits = np.asarray(vis_logits[:, 0])
+            logits = vis_logits[:, 0]
         marker = np.full((b, 1), eov if f == frames - 1 else eof, np.int32)  # forced frame boundary
         _, vis_logits, cache = gen.extend(cache, marker, vision)
-        logits = np.asarray(vis_logits[:, 0])
+        logits = vis_logits[:, 0]
     return codes
