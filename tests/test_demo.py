@@ -4,6 +4,7 @@ summary.json holds what `make demo` promises. Accuracy targets belong to the ful
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lvm.demo.run import Demo, DemoConfig, StagePlan
@@ -12,9 +13,9 @@ pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.filterwarnings("ignor
 
 TOY = DemoConfig(
     stages=(
-        StagePlan("s1", 512, "1,8,1,1", 8, 3, 1e4, 16, (6, 10), 4),
-        StagePlan("s2", 1024, "1,4,1,2", 4, 2, 4e4, 8, (20, 40), 4),
-        StagePlan("s3", 1536, "1,2,1,4", 2, 2, 1.6e5, 4, (80, 84), 4),
+        StagePlan("s1", 512, "1,8,1,1", 8, 3, 1e4, 16, (6, 10), 4, 5e-3),
+        StagePlan("s2", 1024, "1,4,1,2", 4, 2, 4e4, 8, (20, 40), 4, 1e-3),
+        StagePlan("s3", 1536, "1,2,1,4", 2, 2, 1.6e5, 4, (80, 84), 4, 1e-3),
     ),
     res=32,
     vqgan_clips=8,
@@ -76,3 +77,20 @@ def test_baselines_ask_each_video_the_previous_videos_questions():
     assert r["mismatched_video"] == pytest.approx(sum(agree) / len(agree))
     only = [it["colour"] == colours[0] for it in items] + [it["shape"] == shapes[0] for it in items]
     assert r["question_only"] == pytest.approx(sum(only) / len(only))
+
+
+def test_needle_card_is_the_same_in_every_video_and_only_at_its_frames():
+    """The needle is a card that looks alike wherever it appears (so its VQGAN codes repeat), and every other
+    frame is the scene, which differs between videos."""
+    from lvm.demo import scenes
+
+    needle = scenes.Needle("blue", "cross", start=3, frames=2)
+    a = scenes.scene(8, needle, seed=1).astype(int)
+    b = scenes.scene(8, needle, seed=2).astype(int)
+    card = np.abs(a[3:5] - b[3:5]).max()
+    assert card <= 20  # only pixel noise differs
+    assert np.abs(a[:3] - b[:3]).mean() > 5 and np.abs(a[5:] - b[5:]).mean() > 5  # the scenes differ
+    blue = np.abs(a[3] - scenes.COLOURS["blue"]).max(-1) <= 10
+    assert 0.2 < blue.mean() < 0.7  # a large cross, not the whole frame
+    other = scenes.scene(8, scenes.Needle("red", "cross", start=3, frames=2), seed=1).astype(int)
+    assert np.abs(other[3] - a[3]).max() > 100  # the colour changes the card

@@ -26,11 +26,12 @@ def write_vqgan_clips(folder: Path, n: int, frames: int, needle_frames: int, res
 def write_training_set(
     folder: Path, n: int, frame_range: tuple[int, int], needle_frames: int, res: int, seed: int, fps: int
 ) -> Path:
-    """`n` scene videos of random length in `frame_range` and a pretokenize manifest asking both questions
+    """`n` scene videos of log-uniform random length in `frame_range` and a pretokenize manifest asking both questions
     (in random order) about each; returns the manifest's path."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(frame_range[0], frame_range[1] + 1, n)
+    low, high = np.log(frame_range[0]), np.log(frame_range[1] + 1)
+    lengths = np.exp(rng.uniform(low, high, n)).astype(int)  # log-uniform: many short clips, some long
     lines = []
     for i in tqdm(range(n), desc=f"videos {folder.parent.name}/{folder.name}", leave=False):
         needle = scenes.needles(1, int(lengths[i]), needle_frames, seed * 100_003 + i)[0]

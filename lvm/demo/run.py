@@ -40,21 +40,21 @@ class StagePlan:
     train_videos: int
     train_frames: tuple[int, int]
     eval_videos: int
+    lr: float  # peak learning rate (cosine to a tenth of it)
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     stages: tuple[StagePlan, ...] = (
-        StagePlan("2k", 2048, "1,8,1,1", 8, 200, 1e4, 2000, (3, 12), 24),
-        StagePlan("4k", 4096, "1,4,1,2", 4, 40, 4e4, 160, (60, 236), 24),
-        StagePlan("8k", 8704, "1,2,1,4", 2, 24, 1.6e5, 48, (482, 490), 50),
+        StagePlan("2k", 2048, "1,8,1,1", 8, 200, 1e4, 1500, (3, 110), 24, 5e-3),
+        StagePlan("4k", 4096, "1,4,1,2", 4, 40, 1e4, 120, (60, 236), 24, 1e-3),
+        StagePlan("8k", 8704, "1,2,1,4", 2, 20, 1e4, 40, (482, 490), 50, 1e-3),
     )
     res: int = 32  # frame size; the tiny VQGAN makes (res / 8)^2 codes per frame
     vqgan_clips: int = 48
     vqgan_steps: int = 1000
     text_weight: float = 0.05
     seed: int = 0
-    lr: float = 5e-3
     room: int = 64  # tokens kept after a video for question and answer
 
 
@@ -160,13 +160,14 @@ class Demo:
             weights = [1 - c.text_weight, c.text_weight] if len(train) == 2 else [1.0]
             stages.append({
                 "name": s.name, "mesh": s.mesh, "model": {"rope_theta": s.rope_theta},
-                "train": {"seq_len": s.seq_len, "batch_size": s.batch_size, "steps": s.steps},
+                "train": {"seq_len": s.seq_len, "batch_size": s.batch_size, "steps": s.steps,
+                          "lr": s.lr, "end_lr": s.lr / 10},
                 "data": {"train": train, "weights": weights},
             })  # fmt: skip
         doc = {
             "include": ["model/demo"],
             "defaults": {
-                "train": {"lr": c.lr, "schedule": "cosine", "end_lr": c.lr / 10, "warmup_steps": 10,
+                "train": {"schedule": "cosine", "warmup_steps": 10,
                           "weight_decay": 0.01, "checkpoint_every": 50, "eval_buckets": 4},
                 "data": {"seed": c.seed, "cache_dir": str(self.out / "cache")},
             },

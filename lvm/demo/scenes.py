@@ -1,8 +1,11 @@
 """Procedural long videos with one needle event, and questions about it (the demo's QA corpus).
 
-A scene: a slowly drifting grey texture with two small grey discs wandering over it; at one moment (the needle)
-a large shape (70-85% of the frame, near the centre) of one of four colours appears for `needle_frames` frames. Questions ask which colour and which
-shape the needle had; each has four options, one per colour / shape, and answers are balanced by
+A scene: a slowly drifting grey texture with two small grey discs wandering over it. At one moment (the needle)
+the video cuts for `needle_frames` frames to a card: a large shape (80% of the frame, centred) of one of four
+colours on a dark ground. A card looks the same wherever it appears, so the tiny VQGAN gives it the same codes in
+every video; a shape drawn over the moving texture instead gets codes that vary with the texture (at 4 x 4 codes
+per frame every code sees the whole frame), which a small language model cannot learn from in the demo's budget.
+Questions ask which colour and which shape the needle had; each has four options, one per colour / shape, and answers are balanced by
 construction (the needle's colour and shape cycle through all values). Everything is seeded.
 """
 
@@ -13,6 +16,7 @@ import dataclasses
 import numpy as np
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 235), "yellow": (235, 220, 40)}
+CARD_GROUND = 20  # grey level behind the needle's shape
 SHAPES = ("square", "bar", "column", "cross")  # distinct even at 4 x 4 codes per frame
 QUESTIONS = {
     "colour": ("What colour was the shape that appeared?", tuple(COLOURS)),
@@ -50,9 +54,7 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
     base = rng.uniform(90, 140)
     walkers = [(rng.uniform(0, res, 2), rng.uniform(-0.6, 0.6, 2) * res / 32, rng.uniform(2.5, 4) * res / 32, rng.uniform(60, 190))
                for _ in range(2)]  # fmt: skip
-    cx, cy = res / 2 + rng.uniform(-2, 2, 2) * res / 32
-    size = rng.uniform(res * 0.7, res * 0.85)
-    needle_mask = _mask(needle.shape, size, cx, cy, res)
+    needle_mask = _mask(needle.shape, res * 0.8, (res - 1) / 2, (res - 1) / 2, res)
     out = np.empty((frames, res, res, 3), np.uint8)
     for t in range(frames):
         tex = base + 15 * np.sin(fx * x * 32 / res + 0.05 * t + phase) * np.cos(fy * y * 32 / res - 0.03 * t)
@@ -61,6 +63,7 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
             px, py = (p + v * t) % res
             img[(x - px) ** 2 + (y - py) ** 2 <= r * r] = g
         if needle.start <= t < needle.start + needle.frames:
+            img[:] = CARD_GROUND
             img[needle_mask] = COLOURS[needle.colour]
         out[t] = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
     return out
