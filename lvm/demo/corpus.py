@@ -26,8 +26,8 @@ def write_vqgan_clips(folder: Path, n: int, frames: int, needle_frames: int, res
 def write_training_set(
     folder: Path, n: int, frame_range: tuple[int, int], needle_frames: int, res: int, seed: int, fps: int
 ) -> Path:
-    """`n` scene videos of log-uniform random length in `frame_range` and a pretokenize manifest asking both questions
-    (in random order) about each; returns the manifest's path."""
+    """`n` scene videos of log-uniform random length in `frame_range` and a pretokenize manifest asking both questions,
+    each in two wordings (in random order), about each; returns the manifest's path."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     low, high = np.log(frame_range[0]), np.log(frame_range[1] + 1)
@@ -39,9 +39,9 @@ def write_training_set(
         path = folder / f"v{i:04d}.mp4"
         if not path.exists():
             write_video(path, scenes.scene(int(lengths[i]), needle, seed * 100_003 + i, res), fps=fps)
-        kinds = ["colour", "shape"] if rng.random() < 0.5 else ["shape", "colour"]
-        qa = [{"question": scenes.QUESTIONS[k][0], "answer": f"{scenes.answer(needle, k).capitalize()}."}
-              for k in kinds]  # fmt: skip
+        turns = [(q, k) for k in scenes.QUESTIONS for q in (scenes.QUESTIONS[k][0], scenes.REPHRASED[k])]
+        qa = [{"question": q, "answer": f"{scenes.answer(needle, k).capitalize()}."}
+              for q, k in (turns[j] for j in rng.permutation(len(turns)))]  # fmt: skip
         lines.append({"video": path.name, "qa": qa, "id": f"{folder.name}/{i}"})
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -91,7 +91,7 @@ def tokenizer_text(path: Path) -> Path:
     from lvm.tokenizers.format import SYSTEM_PROMPT
 
     extra = [SYSTEM_PROMPT + " USER: ASSISTANT:"]
-    for question, options in scenes.QUESTIONS.values():
-        extra += [question] + [f"{o.capitalize()}." for o in options]
+    for kind, (question, options) in scenes.QUESTIONS.items():
+        extra += [question, scenes.REPHRASED[kind]] + [f"{o.capitalize()}." for o in options]
     path.write_text(TEXT_CORPUS.read_text() + "\n" + "\n".join(extra * 50) + "\n")
     return path

@@ -22,6 +22,9 @@ QUESTIONS = {
     "colour": ("What colour was the shape that appeared?", tuple(COLOURS)),
     "shape": ("What shape appeared?", SHAPES),
 }
+# Training also asks each question in these words (more answers per long video for the same compute);
+# evaluation asks the words in QUESTIONS.
+REPHRASED = {"colour": "Which colour did the card show?", "shape": "Which shape was on the card?"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +73,8 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
 
 
 def needles(n: int, frames: int, needle_frames: int, seed: int) -> list[Needle]:
-    """n needles with balanced colours and shapes and depths spread uniformly over the video."""
+    """n needles with balanced colours and shapes and depths spread uniformly over the video (a clip shorter than
+    the needle shows it in all or most of its frames)."""
     rng = np.random.default_rng(seed)
     colours = np.resize(list(COLOURS), n)
     shapes = np.resize(SHAPES, n)
