@@ -46,9 +46,9 @@ class StagePlan:
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     stages: tuple[StagePlan, ...] = (
-        StagePlan("2k", 2048, "1,8,1,1", 8, 230, 1e4, 1500, (3, 110), 24, 5e-3),
-        StagePlan("4k", 4096, "1,4,1,2", 4, 40, 1e4, 240, (60, 236), 24, 1e-3),
-        StagePlan("8k", 8704, "1,2,1,4", 2, 20, 1e4, 40, (482, 490), 50, 5e-4),
+        StagePlan("2k", 2048, "1,8,1,1", 8, 200, 1e6, 1500, (3, 110), 24, 5e-3),
+        StagePlan("4k", 4096, "1,4,1,2", 4, 50, 1e6, 240, (60, 236), 24, 1e-3),
+        StagePlan("8k", 8704, "1,2,1,4", 4, 20, 1e6, 80, (482, 490), 50, 5e-4),
     )
     res: int = 32  # frame size; the tiny VQGAN makes (res / 8)^2 codes per frame
     vqgan_clips: int = 48
