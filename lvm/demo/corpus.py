@@ -26,8 +26,8 @@ def write_vqgan_clips(folder: Path, n: int, frames: int, needle_frames: int, res
 def write_training_set(
     folder: Path, n: int, frame_range: tuple[int, int], needle_frames: int, res: int, seed: int, fps: int
 ) -> Path:
-    """`n` scene videos of log-uniform random length in `frame_range` and a pretokenize manifest asking both questions,
-    each in two wordings (in random order), about each; returns the manifest's path."""
+    """`n` scene videos of log-uniform random length in `frame_range` and a pretokenize manifest asking both
+    questions, each in two wordings (in random order), about each; returns the manifest's path."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     low, high = np.log(frame_range[0]), np.log(frame_range[1] + 1)

@@ -5,8 +5,8 @@ the video cuts for `needle_frames` frames to a card: a large shape (80% of the f
 colours on a dark ground. A card looks the same wherever it appears, so the tiny VQGAN gives it the same codes in
 every video; a shape drawn over the moving texture instead gets codes that vary with the texture (at 4 x 4 codes
 per frame every code sees the whole frame), which a small language model cannot learn from in the demo's budget.
-Questions ask which colour and which shape the needle had; each has four options, one per colour / shape, and answers are balanced by
-construction (the needle's colour and shape cycle through all values). Everything is seeded.
+Questions ask which colour and which shape the needle had; each has four options, one per colour / shape,
+and answers are balanced by construction (the needle's colour and shape cycle through all values). Everything is seeded.
 """
 
 from __future__ import annotations
@@ -60,14 +60,17 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
     needle_mask = _mask(needle.shape, res * 0.8, (res - 1) / 2, (res - 1) / 2, res)
     out = np.empty((frames, res, res, 3), np.uint8)
     for t in range(frames):
-        tex = base + 15 * np.sin(fx * x * 32 / res + 0.05 * t + phase) * np.cos(fy * y * 32 / res - 0.03 * t)
-        img = np.repeat(tex[..., None], 3, axis=-1)
-        for p, v, r, g in walkers:
-            px, py = (p + v * t) % res
-            img[(x - px) ** 2 + (y - py) ** 2 <= r * r] = g
-        if needle.start <= t < needle.start + needle.frames:
-            img[:] = CARD_GROUND
+        if needle.start <= t < needle.start + needle.frames:  # the card replaces the whole frame
+            img = np.full((res, res, 3), CARD_GROUND, np.float32)
             img[needle_mask] = COLOURS[needle.colour]
+        else:
+            tex = base + 15 * np.sin(fx * x * 32 / res + 0.05 * t + phase) * np.cos(
+                fy * y * 32 / res - 0.03 * t
+            )
+            img = np.repeat(tex[..., None], 3, axis=-1)
+            for p, v, r, g in walkers:
+                px, py = (p + v * t) % res
+                img[(x - px) ** 2 + (y - py) ** 2 <= r * r] = g
         out[t] = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
     return out
 
