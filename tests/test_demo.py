@@ -1,6 +1,7 @@
 """The demo pipeline end to end at toy scale (through the loopback GCS server): every phase runs and
 summary.json holds what `make demo` promises. Accuracy targets belong to the full-size `make demo`."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ TOY = DemoConfig(
         StagePlan("s3", 1536, "1,2,1,4", 2, 2, 1.6e5, 4, (80, 84), 4, 1e-3),
     ),
     res=32,
+    needle_frames=4,
     vqgan_clips=8,
     vqgan_steps=4,
 )
@@ -44,6 +46,12 @@ def test_toy_demo_runs_every_phase_through_gcs(tmp_path):
     # the corpora went through gs:// (the training runs read them from the loopback server)
     cfg = (tmp_path / "curriculum" / "stages" / "s1" / "config.yaml").read_text()
     assert "gs://lvm-demo/corpora/s1" in cfg
+
+
+def test_a_needle_longer_than_a_held_out_video_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="needle_frames=30 .* shortest held-out video \\(24 frames\\)"):
+        Demo(tmp_path, dataclasses.replace(TOY, needle_frames=30))
+    assert not any(tmp_path.iterdir())  # nothing written
 
 
 def test_baselines_ask_each_video_the_previous_videos_questions():

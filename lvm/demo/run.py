@@ -26,7 +26,6 @@ from pathlib import Path
 from lvm.demo import corpus
 
 FPS = 4  # native rate of the scene videos and the sampling rate (every frame is used)
-NEEDLE_FRAMES = 8  # 2 s at 4 fps: the card is 8 x 17 = 136 of a final video's 8.6K tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +45,12 @@ class StagePlan:
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     stages: tuple[StagePlan, ...] = (
-        StagePlan("2k", 2048, "1,8,1,1", 8, 200, 1e6, 1500, (3, 110), 24, 5e-3),
-        StagePlan("4k", 4096, "1,4,1,2", 4, 50, 1e6, 240, (60, 236), 24, 1e-3),
-        StagePlan("8k", 8704, "1,2,1,4", 4, 20, 1e6, 80, (482, 490), 50, 5e-4),
+        StagePlan("2k", 2048, "1,8,1,1", 8, 100, 1e6, 1500, (3, 110), 24, 5e-3),
+        StagePlan("4k", 4096, "1,4,1,2", 4, 80, 1e6, 240, (60, 236), 24, 1e-3),
+        StagePlan("8k", 8704, "1,2,1,4", 4, 40, 1e6, 160, (482, 490), 50, 5e-4),
     )
     res: int = 32  # frame size; the tiny VQGAN makes (res / 8)^2 codes per frame
+    needle_frames: int = 32  # 8 s at 4 fps: the card is 32 x 17 = 544 of a final video's 8.6K tokens (6%)
     vqgan_clips: int = 48
     vqgan_steps: int = 1000
     text_weight: float = 0.05
@@ -69,6 +69,12 @@ def eval_frames(seq_len: int, room: int, res: int) -> int:
 
 class Demo:
     def __init__(self, out: str | Path, cfg: DemoConfig = DemoConfig(), gcs: bool = False):
+        shortest = min(eval_frames(s.seq_len, cfg.room, cfg.res) for s in cfg.stages)
+        if not 1 <= cfg.needle_frames <= shortest:
+            raise ValueError(
+                f"needle_frames={cfg.needle_frames} must be between 1 and the shortest held-out video "
+                f"({shortest} frames); shorten the needle or lengthen the first stage"
+            )
         self.out = Path(out).resolve()
         self.cfg = cfg
         self.gcs = gcs
@@ -89,10 +95,10 @@ class Demo:
         c, v = self.cfg, self.out / "videos"
         corpus.write_vqgan_clips(v / "vqgan", c.vqgan_clips, 16, 8, c.res, c.seed + 1)
         for k, s in enumerate(c.stages):
-            corpus.write_training_set(v / s.name / "train", s.train_videos, s.train_frames, NEEDLE_FRAMES, c.res,
+            corpus.write_training_set(v / s.name / "train", s.train_videos, s.train_frames, c.needle_frames, c.res,
                                       c.seed + 10 + k, FPS)  # fmt: skip
             corpus.write_eval_set(v / s.name / "eval", s.eval_videos, eval_frames(s.seq_len, c.room, c.res),
-                                  NEEDLE_FRAMES, c.res, c.seed + 20 + k, FPS)  # fmt: skip
+                                  c.needle_frames, c.res, c.seed + 20 + k, FPS)  # fmt: skip
         corpus.write_text_manifest(v / "text")
 
     # 2. tokenizers ---------------------------------------------------------------------------------------------
