@@ -46,6 +46,16 @@ def test_toy_demo_runs_every_phase_through_gcs(tmp_path):
     # the corpora went through gs:// (the training runs read them from the loopback server)
     cfg = (tmp_path / "curriculum" / "stages" / "s1" / "config.yaml").read_text()
     assert "gs://lvm-demo/corpora/s1" in cfg
+    # held-out mp4s show the card (dark ground) for exactly `needle_frames` frames
+    from decord import VideoReader
+
+    videos = sorted((tmp_path / "videos" / "s3" / "eval").glob("*.mp4"))
+    assert len(videos) == 4
+    for video in videos:
+        reader = VideoReader(str(video))
+        frames = reader.get_batch(range(len(reader))).asnumpy()
+        dark = ((frames.max(axis=-1) < 50).mean(axis=(1, 2)) > 0.2).sum()
+        assert dark == TOY.needle_frames, video
 
 
 def test_a_needle_longer_than_a_held_out_video_is_refused(tmp_path):

@@ -57,6 +57,14 @@ class DemoConfig:
     seed: int = 0
     room: int = 64  # tokens kept after a video for question and answer
 
+    def __post_init__(self):
+        shortest = min(eval_frames(s.seq_len, self.room, self.res) for s in self.stages)
+        if not 1 <= self.needle_frames <= shortest:
+            raise ValueError(
+                f"needle_frames={self.needle_frames} must be between 1 and the shortest held-out video "
+                f"({shortest} frames); shorten the needle or lengthen the first stage"
+            )
+
 
 def frame_tokens(res: int) -> int:
     return (res // 8) ** 2 + 1  # codes + <eof>/<eov>
@@ -69,12 +77,6 @@ def eval_frames(seq_len: int, room: int, res: int) -> int:
 
 class Demo:
     def __init__(self, out: str | Path, cfg: DemoConfig = DemoConfig(), gcs: bool = False):
-        shortest = min(eval_frames(s.seq_len, cfg.room, cfg.res) for s in cfg.stages)
-        if not 1 <= cfg.needle_frames <= shortest:
-            raise ValueError(
-                f"needle_frames={cfg.needle_frames} must be between 1 and the shortest held-out video "
-                f"({shortest} frames); shorten the needle or lengthen the first stage"
-            )
         self.out = Path(out).resolve()
         self.cfg = cfg
         self.gcs = gcs

@@ -77,14 +77,14 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
 
 def needles(n: int, frames: int, needle_frames: int, seed: int) -> list[Needle]:
     """n needles with balanced colours and shapes and depths spread uniformly over the video (a clip shorter than
-    the needle shows it in all or most of its frames)."""
+    the needle shows it in all its frames)."""
     rng = np.random.default_rng(seed)
     colours = np.resize(list(COLOURS), n)
     shapes = np.resize(SHAPES, n)
     rng.shuffle(colours)
     rng.shuffle(shapes)
     last = frames - needle_frames
-    starts = ((np.arange(n) + rng.uniform(0, 1, n)) / n * (last + 1)).astype(int)  # stratified depths
+    starts = ((np.arange(n) + rng.uniform(0, 1, n)) / n * max(last + 1, 0)).astype(int)  # stratified depths
     rng.shuffle(starts)
     return [
         Needle(str(c), str(s), int(t), needle_frames) for c, s, t in zip(colours, shapes, starts, strict=True)
