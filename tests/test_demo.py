@@ -22,6 +22,7 @@ TOY = DemoConfig(
     needle_frames=4,
     vqgan_clips=8,
     vqgan_steps=4,
+    lights_out=True,
 )
 
 
@@ -46,16 +47,24 @@ def test_toy_demo_runs_every_phase_through_gcs(tmp_path):
     # the corpora went through gs:// (the training runs read them from the loopback server)
     cfg = (tmp_path / "curriculum" / "stages" / "s1" / "config.yaml").read_text()
     assert "gs://lvm-demo/corpora/s1" in cfg
-    # held-out mp4s show the card (dark ground) for exactly `needle_frames` frames
+    assert final["order"]["questions"] == 4 and 0 <= final["order"]["accuracy"] <= 1
+    assert 0 <= final["order"]["question_only"] <= 1 and 0 <= final["order"]["mismatched_video"] <= 1
+    # held-out mp4s show the card for exactly `needle_frames` frames, and the scene goes
+    # dark where eval.json says, on the side of the card its order answer says
     from decord import VideoReader
 
-    videos = sorted((tmp_path / "videos" / "s3" / "eval").glob("*.mp4"))
-    assert len(videos) == 4
-    for video in videos:
-        reader = VideoReader(str(video))
-        frames = reader.get_batch(range(len(reader))).asnumpy()
-        dark = ((frames.max(axis=-1) < 50).mean(axis=(1, 2)) > 0.2).sum()
-        assert dark == TOY.needle_frames, video
+    items = json.loads((tmp_path / "videos" / "s3" / "eval" / "eval.json").read_text())
+    assert len(items) == 4 and sorted(it["order"] for it in items) == ["after", "after", "before", "before"]
+    for item in items:
+        reader = VideoReader(item["video"])
+        frames = reader.get_batch(range(len(reader))).asnumpy().astype(int)
+        card = (frames.max(-1) - frames.min(-1) > 60).mean(axis=(1, 2)) > 0.2  # a saturated colour
+        assert card.sum() == TOY.needle_frames and card[item["start"]], item
+        scene = np.flatnonzero(~card)
+        brightness = frames[scene].mean(axis=(1, 2, 3))
+        dark = scene[brightness < 0.75 * brightness[0]]  # the first frame is always lit
+        assert dark.min() == item["lights_out"] and (dark == scene[scene >= item["lights_out"]]).all(), item
+        assert (item["start"] >= item["lights_out"]) == (item["order"] == "after"), item
 
 
 def test_a_needle_longer_than_a_held_out_video_is_refused(tmp_path):
@@ -70,9 +79,9 @@ def test_baselines_ask_each_video_the_previous_videos_questions():
     from lvm.demo import scenes
     from lvm.demo.evaluate import Evaluator
 
-    colours, shapes = list(scenes.COLOURS), scenes.SHAPES
-    items = [{"video": f"v{i}", "colour": colours[i % 4], "shape": shapes[(i // 2) % 4], "depth": i / 8}
-             for i in range(8)]  # fmt: skip
+    colours, shapes, orders = list(scenes.COLOURS), scenes.SHAPES, ("before", "after")
+    items = [{"video": f"v{i}", "colour": colours[i % 4], "shape": shapes[(i // 2) % 4], "depth": i / 8,
+              "order": orders[(i // 3) % 2]} for i in range(8)]  # fmt: skip
     truth = {it["video"]: it for it in items}
 
     class Oracle:
@@ -95,11 +104,16 @@ def test_baselines_ask_each_video_the_previous_videos_questions():
     assert r["mismatched_video"] == pytest.approx(sum(agree) / len(agree))
     only = [it["colour"] == colours[0] for it in items] + [it["shape"] == shapes[0] for it in items]
     assert r["question_only"] == pytest.approx(sum(only) / len(only))
+    # the two-option order question is reported on its own, not mixed into the four-option accuracy
+    assert r["order"]["accuracy"] == 1.0 and r["order"]["questions"] == 8
+    agree = [items[i]["order"] == items[i - 1]["order"] for i in range(1, 8)]
+    assert r["order"]["mismatched_video"] == pytest.approx(sum(agree) / len(agree))
+    assert r["order"]["question_only"] == pytest.approx(np.mean([it["order"] == "before" for it in items]))
 
 
 def test_needle_card_is_the_same_in_every_video_and_only_at_its_frames():
-    """The needle is a card that looks alike wherever it appears (so its VQGAN codes repeat), and every other
-    frame is the scene, which differs between videos."""
+    """The needle is a card that looks alike wherever it appears with the lights in the same state (so its VQGAN
+    codes repeat), and every other frame is the scene, which differs between videos."""
     from lvm.demo import scenes
 
     needle = scenes.Needle("blue", "cross", start=3, frames=2)
@@ -112,3 +126,41 @@ def test_needle_card_is_the_same_in_every_video_and_only_at_its_frames():
     assert 0.2 < blue.mean() < 0.7  # a large cross, not the whole frame
     other = scenes.scene(8, scenes.Needle("red", "cross", start=3, frames=2), seed=1).astype(int)
     assert np.abs(other[3] - a[3]).max() > 100  # the colour changes the card
+    # in a video whose lights go out: the scene is darker from then on, and a card shown before has a lit ground,
+    # one shown after a dark ground (as without the event); the shape glows as brightly either way
+    dark = scenes.scene(8, dataclasses.replace(needle, lights_out=1), seed=1).astype(int)
+    lit = scenes.scene(8, dataclasses.replace(needle, lights_out=6), seed=1).astype(int)
+    assert (dark[0] == a[0]).all() and (lit[:3] == a[:3]).all()
+    assert dark[1:3].mean() == pytest.approx(scenes.DARK * a[1:3].mean(), rel=0.05)
+    assert lit[6:].mean() == pytest.approx(scenes.DARK * a[6:].mean(), rel=0.05)
+    for frames in (dark, lit):
+        assert np.abs(frames[3][blue] - scenes.COLOURS["blue"]).max() <= 10
+    assert max(dark[3][~blue].mean(), a[3][~blue].mean()) < 40 < 90 < lit[3][~blue].mean()
+
+
+@pytest.mark.parametrize("frames, n", [(40, 8), (114, 24), (490, 100)])
+def test_lights_go_out_near_the_needle_on_the_side_asked_and_the_order_is_balanced(frames, n):
+    """The lights-out frame sits 1 to frames/8 frames before the card (`after`) or after it, never inside it,
+    with a lit first frame and a dark last frame; over a held-out set the answers are balanced and the
+    needle's depth alone does not give the order away."""
+    from lvm.demo import scenes
+
+    needles = scenes.with_balanced_lights_out(scenes.needles(n, frames, 8, seed=3), frames, seed=4)
+    orders = [scenes.answer(needle, "order") for needle in needles]
+    assert orders.count("after") == orders.count("before") == n // 2
+    for needle in needles:
+        out, start, end = needle.lights_out, needle.start, needle.end
+        gap = start - out if out <= start else out - end
+        assert 1 <= out <= frames - 1 and 1 <= gap <= max(1, frames // 8), needle
+    starts, after = np.array([needle.start for needle in needles]), np.array(orders) == "after"
+    by_depth = max(max(np.mean((starts >= t) == after), np.mean((starts < t) == after)) for t in starts)
+    assert by_depth <= 0.5 + 2 / n  # the best depth threshold does no better than chance
+    # no room on the side asked: the other side; no room on either: no lights-out and no order question
+    assert (
+        scenes.answer(scenes.with_lights_out(scenes.Needle("red", "bar", 0, 4), 40, True, 0), "order")
+        == "before"
+    )
+    lit = scenes.with_lights_out(scenes.Needle("red", "bar", 0, 4), 4, True, 0)
+    assert lit.lights_out is None
+    with pytest.raises(ValueError, match="order question needs"):
+        scenes.answer(lit, "order")

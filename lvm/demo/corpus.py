@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,20 +15,33 @@ from lvm.tokenizers.synthetic import write_video
 TEXT_CORPUS = Path(__file__).with_name("kjv_genesis.txt")  # public-domain text mixed into training
 
 
-def write_vqgan_clips(folder: Path, n: int, frames: int, needle_frames: int, res: int, seed: int) -> None:
-    """Short clips in which the needle is visible for half the frames (the VQGAN must learn its colours)."""
+def write_vqgan_clips(
+    folder: Path, n: int, frames: int, needle_frames: int, res: int, seed: int, lights_out: bool
+) -> None:
+    """Short clips in which the needle is visible for half the frames (the VQGAN must learn its colours); with
+    `lights_out` the lights go out before or after it."""
     folder.mkdir(parents=True, exist_ok=True)
     for i, needle in enumerate(scenes.needles(n, frames, needle_frames, seed)):
+        if lights_out:
+            needle = scenes.with_lights_out(needle, frames, i % 2 == 0, seed * 1000 + i)
         path = folder / f"clip{i:03d}.mp4"
         if not path.exists():
             write_video(path, scenes.scene(frames, needle, seed * 1000 + i, res), fps=4)
 
 
 def write_training_set(
-    folder: Path, n: int, frame_range: tuple[int, int], needle_frames: int, res: int, seed: int, fps: int
+    folder: Path,
+    n: int,
+    frame_range: tuple[int, int],
+    needle_frames: int,
+    res: int,
+    seed: int,
+    fps: int,
+    lights_out: bool,
 ) -> Path:
-    """`n` scene videos of log-uniform random length in `frame_range` and a pretokenize manifest asking both
-    questions, each in two wordings (in random order), about each; returns the manifest's path."""
+    """`n` scene videos of log-uniform random length in `frame_range` and a pretokenize manifest asking every
+    question, each in two wordings (in random order), about each (with `lights_out`, the order question where
+    the clip has room for the lights to go out); returns the manifest's path."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     low, high = np.log(frame_range[0]), np.log(frame_range[1] + 1)
@@ -36,10 +50,13 @@ def write_training_set(
     for i in tqdm(range(n), desc=f"videos {folder.parent.name}/{folder.name}", leave=False):
         needle = scenes.needles(1, int(lengths[i]), needle_frames, seed * 100_003 + i)[0]
         needle = _balanced(needle, i)
+        if lights_out:
+            needle = scenes.with_lights_out(needle, int(lengths[i]), (i // 4) % 2 == 0, seed + i)
         path = folder / f"v{i:04d}.mp4"
         if not path.exists():
             write_video(path, scenes.scene(int(lengths[i]), needle, seed * 100_003 + i, res), fps=fps)
-        turns = [(q, k) for k in scenes.QUESTIONS for q in (scenes.QUESTIONS[k][0], scenes.REPHRASED[k])]
+        kinds = [k for k in scenes.QUESTIONS if k != "order" or needle.lights_out is not None]
+        turns = [(q, k) for k in kinds for q in (scenes.QUESTIONS[k][0], scenes.REPHRASED[k])]
         qa = [{"question": q, "answer": f"{scenes.answer(needle, k).capitalize()}."}
               for q, k in (turns[j] for j in rng.permutation(len(turns)))]  # fmt: skip
         lines.append({"video": path.name, "qa": qa, "id": f"{folder.name}/{i}"})
@@ -51,26 +68,29 @@ def write_training_set(
 def _balanced(needle: scenes.Needle, i: int) -> scenes.Needle:
     """Colours and shapes cycle with the index so every answer is equally common."""
     colours, shapes = list(scenes.COLOURS), scenes.SHAPES
-    return scenes.Needle(colours[i % 4], shapes[(i // 4 + i) % 4], needle.start, needle.frames)
+    return dataclasses.replace(needle, colour=colours[i % 4], shape=shapes[(i // 4 + i) % 4])
 
 
 def write_eval_set(
-    folder: Path, n: int, frames: int, needle_frames: int, res: int, seed: int, fps: int
+    folder: Path, n: int, frames: int, needle_frames: int, res: int, seed: int, fps: int, lights_out: bool
 ) -> Path:
-    """`n` held-out videos of `frames` frames with needles at stratified depths; returns `eval.json`."""
+    """`n` held-out videos of `frames` frames with needles at stratified depths (with `lights_out`, half of them
+    before the lights go out and half after); returns `eval.json`."""
     folder.mkdir(parents=True, exist_ok=True)
+    needles = scenes.needles(n, frames, needle_frames, seed)
+    if lights_out:
+        needles = scenes.with_balanced_lights_out(needles, frames, seed)
     items = []
-    for i, needle in enumerate(
-        tqdm(
-            scenes.needles(n, frames, needle_frames, seed), desc=f"held-out {folder.parent.name}", leave=False
-        )
-    ):
+    for i, needle in enumerate(tqdm(needles, desc=f"held-out {folder.parent.name}", leave=False)):
         path = folder / f"e{i:04d}.mp4"
         if not path.exists():
             write_video(path, scenes.scene(frames, needle, seed * 7919 + i, res), fps=fps)
         depth = needle.start / max(frames - needle_frames, 1)
-        items.append({"video": str(path.resolve()), "colour": needle.colour, "shape": needle.shape,
-                      "start": needle.start, "frames": frames, "depth": depth})  # fmt: skip
+        item = {"video": str(path.resolve()), "colour": needle.colour, "shape": needle.shape,
+                "start": needle.start, "frames": frames, "depth": depth, "lights_out": needle.lights_out}  # fmt: skip
+        if needle.lights_out is not None:
+            item["order"] = scenes.answer(needle, "order")
+        items.append(item)
     out = folder / "eval.json"
     out.write_text(json.dumps(items, indent=1))
     return out
@@ -86,12 +106,15 @@ def write_text_manifest(folder: Path, lines_per_doc: int = 8) -> Path:
     return manifest
 
 
-def tokenizer_text(path: Path) -> Path:
-    """SentencePiece training text: the corpus plus every question, answer and the chat template words."""
+def tokenizer_text(path: Path, lights_out: bool) -> Path:
+    """SentencePiece training text: the corpus plus every question asked (the order question only with
+    `lights_out`), answer and the chat template words."""
     from lvm.tokenizers.format import SYSTEM_PROMPT
 
     extra = [SYSTEM_PROMPT + " USER: ASSISTANT:"]
     for kind, (question, options) in scenes.QUESTIONS.items():
+        if kind == "order" and not lights_out:
+            continue
         extra += [question, scenes.REPHRASED[kind]] + [f"{o.capitalize()}." for o in options]
     path.write_text(TEXT_CORPUS.read_text() + "\n" + "\n".join(extra * 50) + "\n")
     return path

@@ -1,4 +1,5 @@
-"""The demo's QA evaluation: option log-likelihood over four options, per stage, per needle depth, baselines."""
+"""The demo's QA evaluation: option log-likelihood over each question's options, per stage, per needle depth,
+baselines."""
 
 from __future__ import annotations
 
@@ -37,24 +38,27 @@ class Evaluator:
         return scenes.QUESTIONS[kind][1][int(np.argmax(scores))]
 
     def run(self, model, items: list[dict], desc: str, baselines: bool = False) -> dict:
-        """Accuracy over both questions of every item; with `baselines`, also question-only and
-        mismatched-video (item i's questions asked of item i+1's video) accuracy."""
+        """Accuracy over every question of every item: the four-option questions (colour, shape) make the
+        headline `accuracy` and the depth quarters, the order question is reported under `order`. With
+        `baselines`, also question-only and mismatched-video (item i's questions asked of item i+1's video)
+        accuracy of each."""
         records, mismatched = [], []
         for i, item in enumerate(tqdm(items, desc=desc, leave=False)):
             ctx = model.video_context(self.read(model, item["video"]), self.room)
-            for kind in scenes.QUESTIONS:
+            for kind in (k for k in scenes.QUESTIONS if k in item):
                 pred = self.predict(model, ctx, kind)
                 records.append({"video": item["video"], "kind": kind, "depth": item["depth"],
                                 "answer": item[kind], "pred": pred, "correct": pred == item[kind]})  # fmt: skip
-                if baselines and i > 0:  # the previous item's question asked of this video
-                    mismatched.append({"correct": self.predict(model, ctx, kind) == items[i - 1][kind]})
+                if baselines and i > 0 and kind in items[i - 1]:  # the previous item's question of this video
+                    mismatched.append({"kind": kind, "correct": pred == items[i - 1][kind]})
+        four = [r for r in records if r["kind"] in scenes.FOUR_OPTION]
+        order = [r for r in records if r["kind"] == "order"]
         out = {
-            "questions": len(records),
-            "accuracy": accuracy(records),
+            "questions": len(four),
+            "accuracy": accuracy(four),
             "by_kind": {k: accuracy([r for r in records if r["kind"] == k]) for k in scenes.QUESTIONS},
-            "by_depth_quarter": [
-                accuracy([r for r in records if quarter(r["depth"]) == q]) for q in range(4)
-            ],
+            "by_depth_quarter": [accuracy([r for r in four if quarter(r["depth"]) == q]) for q in range(4)],
+            "order": {"questions": len(order), "accuracy": accuracy(order), "chance": 0.5},
             "records": records,
         }
         if baselines:
@@ -62,9 +66,10 @@ class Evaluator:
             for kind, (question, options) in scenes.QUESTIONS.items():
                 scores = model.question_only_logprobs(question, scenes.options_text(kind))
                 guess = options[int(np.argmax(scores))]
-                only += [{"correct": guess == item[kind]} for item in items]
-            out["question_only"] = accuracy(only)
-            out["mismatched_video"] = accuracy(mismatched)
+                only += [{"kind": kind, "correct": guess == item[kind]} for item in items if kind in item]
+            for key, rows in (("question_only", only), ("mismatched_video", mismatched)):
+                out[key] = accuracy([r for r in rows if r["kind"] in scenes.FOUR_OPTION])
+                out["order"][key] = accuracy([r for r in rows if r["kind"] == "order"])
         return out
 
 
@@ -113,7 +118,8 @@ def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
         results["stages"][s.name] = {
             "seq_len": s.seq_len, "steps": summary["stages"][s.name]["steps"],
             "final_loss": summary["stages"][s.name]["final_loss"], "accuracy": r["accuracy"],
-            "questions": r["questions"], "by_kind": r["by_kind"], "frames_per_video": sets[s.name][0]["frames"],
+            "questions": r["questions"], "by_kind": r["by_kind"], "order_accuracy": r["order"]["accuracy"],
+            "frames_per_video": sets[s.name][0]["frames"],
         }  # fmt: skip
         final = (model, r, stage_dir)
     model, r, stage_dir = final
@@ -134,6 +140,7 @@ def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
                 "by_depth_quarter",
                 "question_only",
                 "mismatched_video",
+                "order",
             )
         },  # fmt: skip
         final_accuracy=r["accuracy"],

@@ -1,12 +1,17 @@
-"""Procedural long videos with one needle event, and questions about it (the demo's QA corpus).
+"""Procedural long videos with one needle event (and optionally a second event), and questions about them (the
+demo's QA corpus).
 
 A scene: a slowly drifting grey texture with two small grey discs wandering over it. At one moment (the needle)
 the video cuts for `needle_frames` frames to a card: a large shape (80% of the frame, centred) of one of four
 colours on a dark ground. A card looks the same wherever it appears, so the tiny VQGAN gives it the same codes in
 every video; a shape drawn over the moving texture instead gets codes that vary with the texture (at 4 x 4 codes
 per frame every code sees the whole frame), which a small language model cannot learn from in the demo's budget.
-Questions ask which colour and which shape the needle had; each has four options, one per colour / shape,
-and answers are balanced by construction (the needle's colour and shape cycle through all values). Everything is seeded.
+Questions ask which colour and which shape the needle had (four options, one per colour / shape).
+Optionally a second event: at some frame the lights go out (the scene darkens and stays dark, and a card shown
+after that has a dark ground instead of a lit grey one: the shape glows), a few frames before the needle or a few
+frames after it, so neither the needle's depth nor the dark share of the video gives the order away; a third
+question asks whether the needle appeared before or after the lights went out (two options). Answers are balanced
+by construction (colours, shapes and orders cycle through all values). Everything is seeded.
 """
 
 from __future__ import annotations
@@ -17,14 +22,22 @@ import numpy as np
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (40, 70, 235), "yellow": (235, 220, 40)}
 CARD_GROUND = 20  # grey level behind the needle's shape
+LIT_CARD_GROUND = 110  # in a video whose lights go out: the card's ground before they do (the shape glows)
 SHAPES = ("square", "bar", "column", "cross")  # distinct even at 4 x 4 codes per frame
+DARK = 0.5  # brightness of the scene once the lights are out
 QUESTIONS = {
     "colour": ("What colour was the shape that appeared?", tuple(COLOURS)),
     "shape": ("What shape appeared?", SHAPES),
+    "order": ("Did the shape appear before or after the lights went out?", ("before", "after")),
 }
+FOUR_OPTION = ("colour", "shape")  # the headline accuracy (chance 0.25); "order" is reported beside it
 # Training also asks each question in these words (more answers per long video for the same compute);
 # evaluation asks the words in QUESTIONS.
-REPHRASED = {"colour": "Which colour did the card show?", "shape": "Which shape was on the card?"}
+REPHRASED = {
+    "colour": "Which colour did the card show?",
+    "shape": "Which shape was on the card?",
+    "order": "Was the card shown before or after the scene went dark?",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +46,11 @@ class Needle:
     shape: str
     start: int  # first frame showing it
     frames: int
+    lights_out: int | None = None  # first dark frame (None: the lights stay on)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.frames
 
 
 def _mask(shape: str, size: float, cx: float, cy: float, res: int) -> np.ndarray:
@@ -50,7 +68,8 @@ def _mask(shape: str, size: float, cx: float, cy: float, res: int) -> np.ndarray
 
 
 def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
-    """uint8 [frames, res, res, 3]: the grey moving scene with the needle shown at its frames."""
+    """uint8 [frames, res, res, 3]: the grey moving scene with the needle shown at its frames, darkened from
+    `needle.lights_out` on."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:res, 0:res].astype(np.float32)
     fx, fy, phase = rng.uniform(0.1, 0.3, 2).tolist() + [rng.uniform(0, 6.28)]
@@ -60,8 +79,10 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
     needle_mask = _mask(needle.shape, res * 0.8, (res - 1) / 2, (res - 1) / 2, res)
     out = np.empty((frames, res, res, 3), np.uint8)
     for t in range(frames):
-        if needle.start <= t < needle.start + needle.frames:  # the card replaces the whole frame
-            img = np.full((res, res, 3), CARD_GROUND, np.float32)
+        dark = needle.lights_out is not None and t >= needle.lights_out
+        if needle.start <= t < needle.end:  # the card replaces the whole frame
+            lit = needle.lights_out is not None and not dark
+            img = np.full((res, res, 3), LIT_CARD_GROUND if lit else CARD_GROUND, np.float32)
             img[needle_mask] = COLOURS[needle.colour]
         else:
             tex = base + 15 * np.sin(fx * x * 32 / res + 0.05 * t + phase) * np.cos(
@@ -71,6 +92,7 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
             for p, v, r, g in walkers:
                 px, py = (p + v * t) % res
                 img[(x - px) ** 2 + (y - py) ** 2 <= r * r] = g
+            img *= DARK if dark else 1.0
         out[t] = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
     return out
 
@@ -91,7 +113,34 @@ def needles(n: int, frames: int, needle_frames: int, seed: int) -> list[Needle]:
     ]
 
 
+def with_lights_out(needle: Needle, frames: int, after: bool, seed: int) -> Needle:
+    """`needle` with the lights going out a random 1 to max(1, frames / 8) frames before it starts (`after`: the
+    needle comes after the lights go out) or after it ends; the other order when that side has no room, and no
+    lights-out when neither side has (at least one lit and one dark scene frame are always shown)."""
+    rng = np.random.default_rng(seed)
+    most = max(1, frames // 8)
+    room = {True: needle.start - 1, False: frames - 1 - needle.end}  # free frames before / after the card
+    for side in (after, not after):
+        if room[side] >= 1:
+            gap = int(rng.integers(1, min(most, room[side]) + 1))
+            out = needle.start - gap if side else needle.end + gap
+            return dataclasses.replace(needle, lights_out=out)
+    return needle
+
+
+def with_balanced_lights_out(needles: list[Needle], frames: int, seed: int) -> list[Needle]:
+    """`with_lights_out` for a set of needles, the order alternating along their depths (the earliest needle comes
+    before the lights go out, the latest after, when the count is even): the two answers are balanced, every
+    needle has room on its side, and the depth alone does not tell the order."""
+    rank = np.argsort(np.argsort([n.start for n in needles], kind="stable"))
+    return [with_lights_out(n, frames, bool(rank[i] % 2), seed * 7919 + i) for i, n in enumerate(needles)]
+
+
 def answer(needle: Needle, kind: str) -> str:
+    if kind == "order":
+        if needle.lights_out is None:
+            raise ValueError("an order question needs a needle with a lights-out event")
+        return "after" if needle.start >= needle.lights_out else "before"
     return needle.colour if kind == "colour" else needle.shape
 
 
