@@ -55,7 +55,7 @@ def write_training_set(
         path = folder / f"v{i:04d}.mp4"
         if not path.exists():
             write_video(path, scenes.scene(int(lengths[i]), needle, seed * 100_003 + i, res), fps=fps)
-        kinds = [k for k in scenes.QUESTIONS if k != "order" or needle.lights_out is not None]
+        kinds = scenes.kinds(needle.lights_out is not None)
         turns = [(q, k) for k in kinds for q in (scenes.QUESTIONS[k][0], scenes.REPHRASED[k])]
         qa = [{"question": q, "answer": f"{scenes.answer(needle, k).capitalize()}."}
               for q, k in (turns[j] for j in rng.permutation(len(turns)))]  # fmt: skip
@@ -86,11 +86,9 @@ def write_eval_set(
         if not path.exists():
             write_video(path, scenes.scene(frames, needle, seed * 7919 + i, res), fps=fps)
         depth = needle.start / max(frames - needle_frames, 1)
-        item = {"video": str(path.resolve()), "colour": needle.colour, "shape": needle.shape,
-                "start": needle.start, "frames": frames, "depth": depth, "lights_out": needle.lights_out}  # fmt: skip
-        if needle.lights_out is not None:
-            item["order"] = scenes.answer(needle, "order")
-        items.append(item)
+        items.append({"video": str(path.resolve()), "start": needle.start, "frames": frames, "depth": depth,
+                      "lights_out": needle.lights_out,
+                      **{k: scenes.answer(needle, k) for k in scenes.kinds(needle.lights_out is not None)}})  # fmt: skip
     out = folder / "eval.json"
     out.write_text(json.dumps(items, indent=1))
     return out
@@ -112,9 +110,8 @@ def tokenizer_text(path: Path, lights_out: bool) -> Path:
     from lvm.tokenizers.format import SYSTEM_PROMPT
 
     extra = [SYSTEM_PROMPT + " USER: ASSISTANT:"]
-    for kind, (question, options) in scenes.QUESTIONS.items():
-        if kind == "order" and not lights_out:
-            continue
+    for kind in scenes.kinds(lights_out):
+        question, options = scenes.QUESTIONS[kind]
         extra += [question, scenes.REPHRASED[kind]] + [f"{o.capitalize()}." for o in options]
     path.write_text(TEXT_CORPUS.read_text() + "\n" + "\n".join(extra * 50) + "\n")
     return path

@@ -51,25 +51,33 @@ class Evaluator:
                                 "answer": item[kind], "pred": pred, "correct": pred == item[kind]})  # fmt: skip
                 if baselines and i > 0 and kind in items[i - 1]:  # the previous item's question of this video
                     mismatched.append({"kind": kind, "correct": pred == items[i - 1][kind]})
+        asked = [k for k in scenes.QUESTIONS if any(r["kind"] == k for r in records)]
         four = [r for r in records if r["kind"] in scenes.FOUR_OPTION]
         order = [r for r in records if r["kind"] == "order"]
         out = {
             "questions": len(four),
             "accuracy": accuracy(four),
-            "by_kind": {k: accuracy([r for r in records if r["kind"] == k]) for k in scenes.QUESTIONS},
+            "by_kind": {k: accuracy([r for r in records if r["kind"] == k]) for k in asked},
             "by_depth_quarter": [accuracy([r for r in four if quarter(r["depth"]) == q]) for q in range(4)],
-            "order": {"questions": len(order), "accuracy": accuracy(order), "chance": 0.5},
             "records": records,
         }
+        if order:
+            out["order"] = {
+                "questions": len(order),
+                "accuracy": accuracy(order),
+                "chance": scenes.chance("order"),
+            }
         if baselines:
             only = []
-            for kind, (question, options) in scenes.QUESTIONS.items():
+            for kind in asked:
+                question, options = scenes.QUESTIONS[kind]
                 scores = model.question_only_logprobs(question, scenes.options_text(kind))
                 guess = options[int(np.argmax(scores))]
                 only += [{"kind": kind, "correct": guess == item[kind]} for item in items if kind in item]
             for key, rows in (("question_only", only), ("mismatched_video", mismatched)):
                 out[key] = accuracy([r for r in rows if r["kind"] in scenes.FOUR_OPTION])
-                out["order"][key] = accuracy([r for r in rows if r["kind"] == "order"])
+                if order:
+                    out["order"][key] = accuracy([r for r in rows if r["kind"] == "order"])
         return out
 
 
@@ -118,8 +126,7 @@ def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
         results["stages"][s.name] = {
             "seq_len": s.seq_len, "steps": summary["stages"][s.name]["steps"],
             "final_loss": summary["stages"][s.name]["final_loss"], "accuracy": r["accuracy"],
-            "questions": r["questions"], "by_kind": r["by_kind"], "order_accuracy": r["order"]["accuracy"],
-            "frames_per_video": sets[s.name][0]["frames"],
+            "questions": r["questions"], "by_kind": r["by_kind"], "frames_per_video": sets[s.name][0]["frames"],
         }  # fmt: skip
         final = (model, r, stage_dir)
     model, r, stage_dir = final
@@ -142,9 +149,10 @@ def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
                 "mismatched_video",
                 "order",
             )
-        },  # fmt: skip
+            if k in r
+        },
         final_accuracy=r["accuracy"],
-        chance=0.25,
+        chance=scenes.chance(scenes.FOUR_OPTION[0]),
         needle_grid={"rows": grid, "columns": ["0-25%", "25-50%", "50-75%", "75-100%"]},
         heatmap=heatmap(grid, demo.out / "needle_heatmap.png", "final model: held-out QA accuracy"),
         checkpoint=str(export.resolve()),

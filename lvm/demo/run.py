@@ -268,14 +268,16 @@ def print_summary(results: dict, out: Path) -> None:
         )
     f = results["final"]
     print(
-        f"final held-out accuracy {results['final_accuracy']:.3f} on {f['questions']} questions (chance 0.25); "
+        f"final held-out accuracy {results['final_accuracy']:.3f} on {f['questions']} questions "
+        f"(chance {results['chance']:.2f}); "
         f"question-only {f['question_only']:.3f}, mismatched video {f['mismatched_video']:.3f}"
     )
     print("by needle-depth quarter:", " ".join(f"{a:.2f}" for a in f["by_depth_quarter"]))
-    o = f["order"]
-    if o["questions"]:
+    if "order" in f:
+        o = f["order"]
         print(
-            f"before/after the lights went out: {o['accuracy']:.3f} on {o['questions']} questions (chance 0.5); "
+            f"before/after the lights went out: {o['accuracy']:.3f} on {o['questions']} questions "
+            f"(chance {o['chance']:.2f}); "
             f"question-only {o['question_only']:.3f}, mismatched video {o['mismatched_video']:.3f}"
         )
     print(f"summary: {out / 'summary.json'}   heatmap: {results['heatmap']}   total {results['seconds']} s")

@@ -30,7 +30,7 @@ QUESTIONS = {
     "shape": ("What shape appeared?", SHAPES),
     "order": ("Did the shape appear before or after the lights went out?", ("before", "after")),
 }
-FOUR_OPTION = ("colour", "shape")  # the headline accuracy (chance 0.25); "order" is reported beside it
+FOUR_OPTION = ("colour", "shape")  # the headline accuracy; "order" is reported beside it
 # Training also asks each question in these words (more answers per long video for the same compute);
 # evaluation asks the words in QUESTIONS.
 REPHRASED = {
@@ -92,7 +92,8 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
             for p, v, r, g in walkers:
                 px, py = (p + v * t) % res
                 img[(x - px) ** 2 + (y - py) ** 2 <= r * r] = g
-            img *= DARK if dark else 1.0
+            if dark:
+                img *= DARK
         out[t] = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
     return out
 
@@ -134,6 +135,15 @@ def with_balanced_lights_out(needles: list[Needle], frames: int, seed: int) -> l
     needle has room on its side, and the depth alone does not tell the order."""
     rank = np.argsort(np.argsort([n.start for n in needles], kind="stable"))
     return [with_lights_out(n, frames, bool(rank[i] % 2), seed * 7919 + i) for i, n in enumerate(needles)]
+
+
+def kinds(lights_out: bool) -> tuple[str, ...]:
+    """The questions asked about a video: the order question only where the lights go out."""
+    return FOUR_OPTION + (("order",) if lights_out else ())
+
+
+def chance(kind: str) -> float:
+    return 1 / len(QUESTIONS[kind][1])
 
 
 def answer(needle: Needle, kind: str) -> str:
