@@ -2,7 +2,7 @@
 
 `Generator` holds one model on one mesh and jits `prefill` (ring attention over sp, so a prompt longer than one
 device's memory works) and `extend` (new tokens against the cache). Prompt lengths are padded to buckets
-(multiples of `2 * sp * 64`, rounded up to a power of two) so few shapes compile.
+(multiples of `2 * sp * 64` with at most 4 significant bits: under 1/8 padding) so few shapes compile.
 
 - `generate_text`: greedy / temperature / top-k / top-p sampling, a batch of prompts of different lengths,
   per-row stop at EOS, an `on_token(row, id)` callback for streaming.
@@ -69,6 +69,13 @@ def _round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
+def padded_length(n: int, unit: int) -> int:
+    """n rounded up to a multiple of `unit` with at most 4 significant bits (in units): under 1/8 padding, and
+    at most 8 lengths (compiled shapes) per doubling."""
+    units = _round_up(n, unit) // unit
+    return unit * _round_up(units, 1 << max(0, units.bit_length() - 4))
+
+
 class Generator:
     """Jitted prefill and extend of one model (`params` on `mesh`)."""
 
@@ -82,8 +89,7 @@ class Generator:
 
     def bucket(self, n: int) -> int:
         """The padded length used for a prompt of n tokens."""
-        units = _round_up(n, self.unit) // self.unit
-        return self.unit * (1 << (units - 1).bit_length())
+        return padded_length(n, self.unit)
 
     def prefill(
         self, prompts: Sequence[tuple[np.ndarray, np.ndarray]], room: int

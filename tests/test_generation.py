@@ -134,3 +134,15 @@ def test_sampling_filters_and_vision_frames():
     _, vision, cache = gen.prefill([prompt, prompt], room=3 * 5)
     codes = generate_vision(gen, cache, vision, 3, 4, n_codes=256, sampling=Sampling(1.0), guidance=2.0)
     assert codes.shape == (1, 3, 4) and codes.min() >= 0 and codes.max() < 256  # never <eof>/<eov> inside
+
+
+def test_prompt_lengths_pad_by_under_an_eighth_with_few_shapes():
+    from lvm.generation import padded_length
+
+    unit = 2 * 8 * 64
+    lengths = [padded_length(n, unit) for n in range(1, 64 * unit + 1)]
+    for n, width in enumerate(lengths, start=1):
+        assert width >= n and width % unit == 0
+        assert width < 1.125 * -(-n // unit) * unit
+    assert len({w for w in lengths if 16 * unit < w <= 32 * unit}) == 8
+    assert padded_length(8704, unit) == 9216  # the demo's 8.7K-token videos (a power of two would be 16384)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,28 @@ def write_vqgan_clips(
     """Short clips in which the needle is visible for half the frames (the VQGAN must learn its colours); with
     `lights_out` the lights go out before or after it."""
     folder.mkdir(parents=True, exist_ok=True)
+    jobs = []
     for i, needle in enumerate(scenes.needles(n, frames, needle_frames, seed)):
         if lights_out:
             needle = scenes.with_lights_out(needle, frames, i % 2 == 0, seed * 1000 + i)
-        path = folder / f"clip{i:03d}.mp4"
-        if not path.exists():
-            write_video(path, scenes.scene(frames, needle, seed * 1000 + i, res), fps=4)
+        jobs.append((folder / f"clip{i:03d}.mp4", frames, needle, seed * 1000 + i))
+    write_scenes(jobs, res, 4, "videos vqgan")
+
+
+def write_scenes(jobs: list[tuple[Path, int, scenes.Needle, int]], res: int, fps: int, desc: str) -> None:
+    """Render and encode (path, frames, needle, seed) scene videos, one ffmpeg per core at a time. Each file
+    appears complete or not at all (written under a temporary name), so an interrupted run resumes safely."""
+
+    def write(job) -> None:
+        path, frames, needle, seed = job
+        part = path.with_name(path.stem + ".part.mp4")
+        write_video(part, scenes.scene(frames, needle, seed, res), fps=fps)
+        os.replace(part, path)
+
+    todo = [job for job in jobs if not job[0].exists()]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for _ in tqdm(pool.map(write, todo), total=len(todo), desc=desc, leave=False):
+            pass
 
 
 def write_training_set(
@@ -46,20 +64,20 @@ def write_training_set(
     rng = np.random.default_rng(seed)
     low, high = np.log(frame_range[0]), np.log(frame_range[1] + 1)
     lengths = np.exp(rng.uniform(low, high, n)).astype(int)  # log-uniform: many short clips, some long
-    lines = []
-    for i in tqdm(range(n), desc=f"videos {folder.parent.name}/{folder.name}", leave=False):
+    lines, jobs = [], []
+    for i in range(n):
         needle = scenes.needles(1, int(lengths[i]), needle_frames, seed * 100_003 + i)[0]
         needle = _balanced(needle, i)
         if lights_out:
             needle = scenes.with_lights_out(needle, int(lengths[i]), (i // 4) % 2 == 0, seed + i)
         path = folder / f"v{i:04d}.mp4"
-        if not path.exists():
-            write_video(path, scenes.scene(int(lengths[i]), needle, seed * 100_003 + i, res), fps=fps)
+        jobs.append((path, int(lengths[i]), needle, seed * 100_003 + i))
         kinds = scenes.kinds(needle.lights_out is not None)
         turns = [(q, k) for k in kinds for q in (scenes.QUESTIONS[k][0], scenes.REPHRASED[k])]
         qa = [{"question": q, "answer": f"{scenes.answer(needle, k).capitalize()}."}
               for q, k in (turns[j] for j in rng.permutation(len(turns)))]  # fmt: skip
         lines.append({"video": path.name, "qa": qa, "id": f"{folder.name}/{i}"})
+    write_scenes(jobs, res, fps, f"videos {folder.parent.name}/{folder.name}")
     manifest = folder / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return manifest
@@ -80,15 +98,15 @@ def write_eval_set(
     needles = scenes.needles(n, frames, needle_frames, seed)
     if lights_out:
         needles = scenes.with_balanced_lights_out(needles, frames, seed)
-    items = []
-    for i, needle in enumerate(tqdm(needles, desc=f"held-out {folder.parent.name}", leave=False)):
+    items, jobs = [], []
+    for i, needle in enumerate(needles):
         path = folder / f"e{i:04d}.mp4"
-        if not path.exists():
-            write_video(path, scenes.scene(frames, needle, seed * 7919 + i, res), fps=fps)
+        jobs.append((path, frames, needle, seed * 7919 + i))
         depth = needle.start / max(frames - needle_frames, 1)
         items.append({"video": str(path.resolve()), "start": needle.start, "frames": frames, "depth": depth,
                       "lights_out": needle.lights_out,
                       **{k: scenes.answer(needle, k) for k in scenes.kinds(needle.lights_out is not None)}})  # fmt: skip
+    write_scenes(jobs, res, fps, f"held-out {folder.parent.name}")
     out = folder / "eval.json"
     out.write_text(json.dumps(items, indent=1))
     return out

@@ -26,6 +26,15 @@ from pathlib import Path
 from lvm.demo import corpus
 
 FPS = 4  # native rate of the scene videos and the sampling rate (every frame is used)
+# Seconds each phase is sized for on 2 CPU cores, 20 minutes in all; each phase is reported against its budget.
+PHASE_BUDGET_S = {
+    "data": 70,
+    "tokenizers": 160,
+    "pretokenize": 110,
+    "curriculum": 720,
+    "evaluate": 130,
+    "qa": 10,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +100,9 @@ class Demo:
         print(f"\n== {name}", flush=True)
         t0 = time.perf_counter()
         result = fn()
-        self.timings[name] = round(time.perf_counter() - t0, 1)
-        print(f"== {name}: {self.timings[name]} s", flush=True)
+        self.timings[name] = seconds = round(time.perf_counter() - t0, 1)
+        over = f", {seconds - PHASE_BUDGET_S[name]:.0f} s OVER" if seconds > PHASE_BUDGET_S[name] else ""
+        print(f"== {name}: {seconds} s (budget {PHASE_BUDGET_S[name]} s{over})", flush=True)
         return result
 
     # 1. data ---------------------------------------------------------------------------------------------------
@@ -252,7 +262,10 @@ class Demo:
                 server.stop()
         answer = self.phase("qa", lambda: self.qa(results["checkpoint"]))
         results.update(
-            qa_answer=answer, seconds=round(time.perf_counter() - t0, 1), phase_seconds=self.timings
+            qa_answer=answer,
+            seconds=round(time.perf_counter() - t0, 1),
+            phase_seconds=self.timings,
+            phase_budget_s=PHASE_BUDGET_S,
         )
         (self.out / "summary.json").write_text(json.dumps(results, indent=1))
         print_summary(results, self.out)
@@ -280,4 +293,10 @@ def print_summary(results: dict, out: Path) -> None:
             f"(chance {o['chance']:.2f}); "
             f"question-only {o['question_only']:.3f}, mismatched video {o['mismatched_video']:.3f}"
         )
-    print(f"summary: {out / 'summary.json'}   heatmap: {results['heatmap']}   total {results['seconds']} s")
+    over = [f"{k} {s:.0f} s > {PHASE_BUDGET_S[k]} s" for k, s in results["phase_seconds"].items()
+            if s > PHASE_BUDGET_S[k]]  # fmt: skip
+    print(
+        f"time: {results['seconds']:.0f} s of a {sum(PHASE_BUDGET_S.values())} s budget"
+        + (f"; over budget: {', '.join(over)}" if over else "; every phase within its budget")
+    )
+    print(f"summary: {out / 'summary.json'}   heatmap: {results['heatmap']}")
