@@ -3,9 +3,11 @@ demo's QA corpus).
 
 A scene: a slowly drifting grey texture with two small grey discs wandering over it. At one moment (the needle)
 the video cuts for `needle_frames` frames to a card: a large shape (80% of the frame, centred) of one of four
-colours on a dark ground. A card looks the same wherever it appears, so the tiny VQGAN gives it the same codes in
-every video; a shape drawn over the moving texture instead gets codes that vary with the texture (at 4 x 4 codes
-per frame every code sees the whole frame), which a small language model cannot learn from in the demo's budget.
+colours on a dark ground. A card is the same image (without the scene's pixel noise) wherever it appears, so the
+tiny VQGAN gives it the same codes in every video (with the noise: 2 to 44 code patterns per card, depending on
+the VQGAN's training run). A shape drawn over the moving texture instead gets codes that vary with the texture
+(at 4 x 4 codes per frame every code sees the whole frame), which a small language model cannot learn from in
+the demo's budget.
 Questions ask which colour and which shape the needle had (four options, one per colour / shape).
 Optionally a second event: at some frame the lights go out (the scene darkens and stays dark, and a card shown
 after that has a dark ground instead of a lit grey one: the shape glows), a few frames before the needle or a few
@@ -80,21 +82,19 @@ def scene(frames: int, needle: Needle, seed: int, res: int = 32) -> np.ndarray:
     out = np.empty((frames, res, res, 3), np.uint8)
     for t in range(frames):
         dark = needle.lights_out is not None and t >= needle.lights_out
-        if needle.start <= t < needle.end:  # the card replaces the whole frame
+        if needle.start <= t < needle.end:  # the card replaces the whole frame: the same image every time
             lit = needle.lights_out is not None and not dark
-            img = np.full((res, res, 3), LIT_CARD_GROUND if lit else CARD_GROUND, np.float32)
-            img[needle_mask] = COLOURS[needle.colour]
-        else:
-            tex = base + 15 * np.sin(fx * x * 32 / res + 0.05 * t + phase) * np.cos(
-                fy * y * 32 / res - 0.03 * t
-            )
-            img = np.repeat(tex[..., None], 3, axis=-1)
-            for p, v, r, g in walkers:
-                px, py = (p + v * t) % res
-                img[(x - px) ** 2 + (y - py) ** 2 <= r * r] = g
-            if dark:
-                img *= DARK
-        out[t] = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)
+            out[t] = LIT_CARD_GROUND if lit else CARD_GROUND
+            out[t][needle_mask] = COLOURS[needle.colour]
+            continue
+        tex = base + 15 * np.sin(fx * x * 32 / res + 0.05 * t + phase) * np.cos(fy * y * 32 / res - 0.03 * t)
+        img = np.repeat(tex[..., None], 3, axis=-1)
+        for p, v, r, g in walkers:
+            px, py = (p + v * t) % res
+            img[(x - px) ** 2 + (y - py) ** 2 <= r * r] = g
+        if dark:
+            img *= DARK
+        out[t] = np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8)  # sensor noise
     return out
 
 
