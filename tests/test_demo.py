@@ -171,15 +171,13 @@ def test_lights_go_out_near_the_needle_on_the_side_asked_and_the_order_is_balanc
         scenes.answer(lit, "order")
 
 
-def test_seed_and_per_stage_warmup_reach_the_curriculum(tmp_path):
-    import yaml
-
-    demo = Demo(tmp_path, DemoConfig(seed=3))
-    doc = yaml.safe_load(demo.curriculum_file({"2k": "a", "4k": "b", "8k": "c", "text": "t"}).read_text())
-    assert doc["defaults"]["train"]["seed"] == 3 and doc["defaults"]["data"]["seed"] == 3
-    warmups = [s["train"]["warmup_steps"] for s in doc["stages"]]
-    assert warmups == [s.warmup for s in DemoConfig().stages]
+def test_seed_frame_size_and_per_stage_warmup_reach_the_tokenizer_and_curriculum_configs(tmp_path):
     from lvm.curriculum import load_curriculum
 
-    stages = load_curriculum(demo.out / "curriculum.yaml").stages
-    assert [s.cfg.train.warmup_steps for s in stages] == warmups and stages[0].cfg.train.seed == 3
+    stages = tuple(dataclasses.replace(s, warmup=w) for s, w in zip(TOY.stages, (7, 5, 0), strict=True))
+    demo = Demo(tmp_path, dataclasses.replace(TOY, seed=3, res=16, stages=stages))
+    vq = demo.vqgan_config()
+    assert vq.train.seed == 3 and vq.model.resolution == 16
+    loaded = load_curriculum(demo.curriculum_file({"s1": "a", "s2": "b", "s3": "c", "text": "t"})).stages
+    assert [s.cfg.train.warmup_steps for s in loaded] == [7, 5, 0]
+    assert all(s.cfg.train.seed == 3 and s.cfg.data.seed == 3 for s in loaded)
