@@ -7,6 +7,8 @@ streamed in bounded chunks from a worker process.
   Every frame comes with its presentation timestamp in seconds (from the container).
 - Memory: frames travel in chunks of `chunk_frames`; the worker blocks on the pipe until the previous chunk is
   taken, so at most about two chunks of one video are in memory, however long the video.
+- Overlap: `frames(uri, then=next_uri)` queues the next video behind this one, so the worker decodes it while
+  the caller is still busy with this one's last chunk (many short clips otherwise leave the worker idle).
 - Isolation: decord runs in a separate process (multiprocessing `spawn`, never a fork of a process running
   jax). A file that crashes it (segfault, abort) or hangs it (`timeout_s`) costs that file only: the consumer
   gets a `DecodeError` naming the signal, and the next file starts a fresh worker.
@@ -177,6 +179,7 @@ class Decoder:
         self.cache = cache or storage.FileCache(tempfile.mkdtemp(prefix="lvm-videos-"), max_bytes=8 << 30)
         self._proc = None
         self._conn = None
+        self._queued: tuple[str, str] | None = None  # (uri, local path) sent to the worker behind the current
         self.info: VideoInfo | None = None
 
     @property
@@ -191,6 +194,11 @@ class Decoder:
         child.close()
 
     def _stop(self, kill: bool) -> None:
+        if self._queued is not None:  # dropped with its worker (fetched again if asked for)
+            uri, self._queued = self._queued[0], None
+            self.cache.release(uri)
+            self.cache.discard(uri)
+            kill = True
         if self._proc is None:
             return
         if kill:
@@ -221,20 +229,22 @@ class Decoder:
                 raise DecodeError(f"decoder process died ({signal.Signals(-code).name})") from None
             raise DecodeError(f"decoder process died (exit status {code})") from None
 
-    def frames(self, uri: str) -> Iterator[Chunk]:
-        """Chunks of sampled frames of one video (local path or `gs://` URI), in order."""
+    def frames(self, uri: str, then: str | None = None) -> Iterator[Chunk]:
+        """Chunks of sampled frames of one video (local path or `gs://` URI), in order. `then`: the video the
+        caller will ask for next; the worker starts on it as soon as this one is decoded."""
         self.info = None
-        try:
-            path = self.cache.fetch(uri, pin=True)
-        except FileNotFoundError:
-            raise DecodeError(f"not found: {uri}") from None
-        except OSError as err:
-            raise DecodeError(f"download failed: {err}") from None
+        if self._queued is not None and self._queued[0] != uri:
+            self._stop(kill=True)  # the worker is busy with a file the caller no longer wants
+        queued, self._queued = self._queued, None
+        path = queued[1] if queued else self._fetch(uri)  # a queued file was fetched and pinned when sent
         finished = False
         try:
-            if self._proc is None or not self._proc.is_alive():
-                self._start()
-            self._conn.send((path, self.cfg))
+            if queued is None:
+                if self._proc is None or not self._proc.is_alive():
+                    self._start()
+                self._conn.send((path, self.cfg))
+            if then is not None:
+                self._send_ahead(then)
             while True:
                 kind, payload = self._recv()
                 if kind == "info":
@@ -252,6 +262,23 @@ class Decoder:
                 self._stop(kill=True)  # abandoned mid-file: the worker may still be sending
             self.cache.release(uri)
             self.cache.discard(uri)
+
+    def _fetch(self, uri: str) -> str:
+        try:
+            return self.cache.fetch(uri, pin=True)
+        except FileNotFoundError:
+            raise DecodeError(f"not found: {uri}") from None
+        except OSError as err:
+            raise DecodeError(f"download failed: {err}") from None
+
+    def _send_ahead(self, uri: str) -> None:
+        """Queue `uri` behind the current file; a file that cannot be fetched is left for `frames` to report."""
+        try:
+            path = self._fetch(uri)
+        except DecodeError:
+            return
+        self._conn.send((path, self.cfg))
+        self._queued = (uri, path)
 
     def decode(self, uri: str) -> tuple[np.ndarray, np.ndarray]:
         """All sampled frames `[T, R, R, 3]` and timestamps `[T]` of one video (short videos only)."""

@@ -213,6 +213,7 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
     )
     records_written = tokens_written = frames_total = 0
     t0 = time.perf_counter()
+    upcoming = _next_videos(lines, todo, cfg)
     with Decoder(decode_cfg, cache=cache, timeout_s=cfg.decode_timeout_s) as decoder:
         for k in todo:
             records, ids, failures = [], [], []
@@ -228,9 +229,8 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
                         raise ValueError("a manifest line must be a JSON object")
                     codes = None
                     if "video" in example:
-                        codes = _encode_video(
-                            decoder, tokenizer, resolve(example["video"], cfg.manifest), progress
-                        )
+                        uri = resolve(example["video"], cfg.manifest)
+                        codes = _encode_video(decoder, tokenizer, uri, upcoming.get(line_no), progress)
                         frames_total += len(codes)
                     drop = drops_prompt(line_no, cfg.uncond_prob)
                     doc = document(example, codes, cfg.template, cfg.video_loss, drop)
@@ -271,10 +271,23 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
     }
 
 
-def _encode_video(decoder: Decoder, tokenizer, uri: str, progress: _Progress) -> np.ndarray:
-    """VQGAN codes `[T, h, w]` of a video, chunk by chunk (frames never all in memory)."""
+def _next_videos(lines: list[str], todo: list[int], cfg: PretokenizeConfig) -> dict[int, str]:
+    """line number -> the video of the next video line this run will read (decoded ahead while this one encodes)."""
+    order = []
+    for k in todo:
+        for line_no in range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(lines))):
+            try:
+                example = json.loads(lines[line_no])
+                order.append((line_no, resolve(example["video"], cfg.manifest)))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # no video (a bad line is reported when it is read)
+    return {line: uri for (line, _), (_, uri) in zip(order, order[1:], strict=False)}
+
+
+def _encode_video(decoder: Decoder, tokenizer, uri: str, then: str | None, progress: _Progress) -> np.ndarray:
+    """VQGAN codes `[T, h, w]` of a video, chunk by chunk (frames never all in memory); `then` is decoded next."""
     codes = []
-    for chunk in decoder.frames(uri):
+    for chunk in decoder.frames(uri, then):
         codes.append(tokenizer.encode(chunk.frames))
         progress.add_frames(len(chunk.frames))
     if not codes:

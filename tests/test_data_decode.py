@@ -129,3 +129,57 @@ def test_gcs_video_goes_through_bounded_cache(videos, gcs_server, tmp_path):  # 
         with pytest.raises(DecodeError, match="not found"):
             dec.decode("gs://test/videos/missing.mp4")
     assert cache.downloaded == [uri] and cache.cached_bytes() == 0  # the copy is gone after decoding
+
+
+def _frames(dec, uri, then=None):
+    return np.concatenate([c.frames for c in dec.frames(uri, then)])
+
+
+def test_next_video_is_decoded_ahead_and_every_detour_still_gives_the_right_frames(videos):
+    cfg = DecodeConfig(resolution=32, fps=2)
+    path = lambda name: str(videos / name)  # noqa: E731
+    names = list(GOOD)
+    with Decoder(cfg) as ref:
+        expected = {name: ref.decode(path(name))[0] for name in names}
+    with Decoder(cfg) as dec:
+        for name, then in zip(names, [*names[1:], None], strict=True):
+            np.testing.assert_array_equal(_frames(dec, path(name), then and path(then)), expected[name])
+            if then:
+                pid = dec.pid
+                assert dec._conn.poll(30), "the worker did not start on the queued video"
+        assert dec.pid == pid  # one worker throughout
+        a, b, c = names
+        # the caller asks for another file than the queued one: it gets that file, then the queued one on request
+        np.testing.assert_array_equal(_frames(dec, path(a), path(b)), expected[a])
+        np.testing.assert_array_equal(_frames(dec, path(c)), expected[c])
+        np.testing.assert_array_equal(_frames(dec, path(b)), expected[b])
+        # a queued broken or missing file fails when asked for, with its own reason, and costs nothing else
+        for broken in ("random.mp4", "missing.mp4"):
+            np.testing.assert_array_equal(_frames(dec, path(a), path(broken)), expected[a])
+            with pytest.raises(DecodeError, match=BROKEN[broken]):
+                _frames(dec, path(broken), path(c))
+            np.testing.assert_array_equal(_frames(dec, path(c)), expected[c])
+        # the current file crashes the worker: the queued one is decoded by a fresh worker when asked for
+        it = dec.frames(path(LONG[0]), path(a))
+        next(it)
+        os.kill(dec.pid, signal.SIGKILL)
+        with pytest.raises(DecodeError, match="decoder process died"):
+            list(it)
+        np.testing.assert_array_equal(_frames(dec, path(a)), expected[a])
+
+
+def test_queued_gcs_videos_leave_nothing_in_the_cache(videos, gcs_server, tmp_path):  # noqa: F811
+    names = list(GOOD)
+    for name in names:
+        storage.write_bytes(f"gs://test/q/{name}", (videos / name).read_bytes())
+    cache = storage.FileCache(str(tmp_path / "cache"), max_bytes=1 << 20)
+    cfg = DecodeConfig(resolution=32, fps=2)
+    with Decoder(cfg) as ref:
+        expected = {name: ref.decode(str(videos / name))[0] for name in names}
+    with Decoder(cfg, cache=cache) as dec:
+        a, b, c = (f"gs://test/q/{name}" for name in names)
+        np.testing.assert_array_equal(_frames(dec, a, b), expected[names[0]])
+        np.testing.assert_array_equal(_frames(dec, b, c), expected[names[1]])
+        assert cache.cached_bytes() > 0  # c is fetched and waiting
+        next(dec.frames(c, a))  # abandoned mid-file with a queued: both copies go
+    assert cache.cached_bytes() == 0

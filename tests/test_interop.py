@@ -6,6 +6,8 @@ import io
 import json
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.serialization
@@ -421,9 +423,27 @@ def test_lwm_tree_builders_match_the_manifest():
     assert mapped == set(vq) - {"quantize/embeddings"}  # every LWM tensor has its place: nothing dropped
 
 
+# Runs in a subprocess so torch never shares a process with jax (their profilers crashed together once).
+HF_LOGITS = """
+import sys, numpy as np, torch, transformers
+from safetensors.numpy import load_file
+hf, inputs, out = sys.argv[1:]
+data = np.load(inputs)
+model = transformers.LlamaForCausalLM.from_pretrained(hf, torch_dtype=torch.float32).eval()
+side = {k: torch.from_numpy(v) for k, v in load_file(hf + "/vision.safetensors").items()}
+ids = torch.from_numpy(data["tokens"])[None]
+mask = torch.from_numpy(data["vision_mask"])[None, :, None]
+vision_ids, text_ids = torch.where(mask[..., 0], ids, 0), torch.where(mask[..., 0], 0, ids)
+embeds = torch.where(mask, side["vision_embed_tokens.weight"][vision_ids], model.model.embed_tokens(text_ids))
+with torch.no_grad():
+    h = model.model(inputs_embeds=embeds).last_hidden_state
+    np.savez(out, text=model.lm_head(h)[0].numpy(), vision=(h @ side["vision_lm_head.weight"].T)[0].numpy())
+"""
+
+
 def test_export_hf_logits_match_transformers(tmp_path, monkeypatch):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
     tree = lwm_llama(7, stacked=True, vision=True)
     write_tux(tmp_path / "params", tree, monkeypatch=monkeypatch)
     lwm.convert_lwm(str(tmp_path / "params"), tmp_path / "ckpt", head_dim=HD, rope_theta=THETA, seq_len=64,
@@ -433,23 +453,13 @@ def test_export_hf_logits_match_transformers(tmp_path, monkeypatch):
     )
     tokens, vision_mask = inputs(8)
     ours_text, ours_vision, _ = our_logits(tmp_path / "ckpt", tokens, vision_mask)
-
-    from safetensors.numpy import load_file
-
-    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
-    side = {k: torch.from_numpy(v) for k, v in load_file(tmp_path / "hf" / "vision.safetensors").items()}
-    ids = torch.from_numpy(tokens)[None]
-    mask = torch.from_numpy(vision_mask)[None, :, None]
-    vision_ids, text_ids = torch.where(mask[..., 0], ids, 0), torch.where(mask[..., 0], 0, ids)
-    embeds = torch.where(
-        mask, side["vision_embed_tokens.weight"][vision_ids], model.model.embed_tokens(text_ids)
-    )
-    with torch.no_grad():
-        h = model.model(inputs_embeds=embeds).last_hidden_state
-        text = model.lm_head(h)[0].numpy()
-        vision = (h @ side["vision_lm_head.weight"].T)[0].numpy()
-    np.testing.assert_allclose(text, ours_text, atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(vision, ours_vision, atol=1e-4, rtol=1e-4)
+    np.savez(tmp_path / "inputs.npz", tokens=tokens, vision_mask=vision_mask)
+    args = [str(tmp_path / "hf"), str(tmp_path / "inputs.npz"), str(tmp_path / "hf_logits.npz")]
+    # cwd elsewhere: from the repository root `import tokenizers` (in transformers) would find our tokenizers/
+    subprocess.run([sys.executable, "-c", HF_LOGITS, *args], check=True, cwd=tmp_path)
+    theirs = np.load(tmp_path / "hf_logits.npz")
+    np.testing.assert_allclose(theirs["text"], ours_text, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(theirs["vision"], ours_vision, atol=1e-4, rtol=1e-4)
 
 
 def test_conversion_memory_stays_near_one_chunk(tmp_path):

@@ -120,7 +120,7 @@ def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
     final = None
     for s in stages:
         stage_dir = summary["stages"][s.name]["workdir"]
-        model = load_model(stage_dir)
+        model = load_model(stage_dir, mesh=demo.cfg.eval_mesh)
         r = ev.run(model, sets[s.name], f"eval {s.name}", baselines=s is stages[-1])
         print(f"stage {s.name}: accuracy {r['accuracy']:.3f} on {r['questions']} held-out questions")
         results["stages"][s.name] = {
