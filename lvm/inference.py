@@ -12,9 +12,10 @@ A checkpoint folder is a training workdir (newest checkpoint) or an `lvm export`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,21 @@ class Model:
         """VQGAN codes [T, h, w] of a video file or gs:// URI. By default as many frames as fit the context
         (with `reserve` tokens for question and answer), evenly over the video; fps / num_frames /
         max_frames override."""
+        opts = dict(fps=fps, num_frames=num_frames, max_frames=max_frames, reserve=reserve)
+        with contextlib.closing(self.read_videos([uri], **opts)) as videos:  # closes the decoder
+            return next(videos)
+
+    def read_videos(
+        self,
+        uris: Sequence[str],
+        *,
+        fps: float | None = None,
+        num_frames: int | None = None,
+        max_frames: int | None = None,
+        reserve: int = 256,
+    ) -> Iterator[np.ndarray]:
+        """The codes of each video in turn, as `read_video` reads one, from one decoder process that decodes
+        the next video while this one is encoded (starting a decoder per video costs about a second)."""
         from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder
 
         if fps is None and num_frames is None:
@@ -135,14 +151,16 @@ class Model:
             num_frames=num_frames,
             max_frames=max_frames,
         )
-        try:
-            with Decoder(decode_cfg) as decoder:
-                codes = [self.vqgan.encode(chunk.frames) for chunk in decoder.frames(uri)]
-        except DecodeError as err:
-            raise ValueError(f"cannot read the video {uri}: {err}") from None
-        if not codes:
-            raise ValueError(f"no frames could be sampled from {uri}")
-        return np.concatenate(codes)
+        uris = list(uris)
+        with Decoder(decode_cfg) as decoder:
+            for uri, then in zip(uris, uris[1:] + [None], strict=True):
+                try:
+                    codes = [self.vqgan.encode(chunk.frames) for chunk in decoder.frames(uri, then=then)]
+                except DecodeError as err:
+                    raise ValueError(f"cannot read the video {uri}: {err}") from None
+                if not codes:
+                    raise ValueError(f"no frames could be sampled from {uri}")
+                yield np.concatenate(codes)
 
     # Question answering ----------------------------------------------------------------------------------------
 

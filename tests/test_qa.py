@@ -91,6 +91,24 @@ def test_default_frames_fill_the_context_and_options_score_by_likelihood(trained
     )
 
 
+def test_read_videos_decodes_ahead_and_names_a_bad_file(trained, tmp_path):  # noqa: F811
+    from lvm.data_pipeline.decode import DecodeConfig, Decoder
+
+    model = load_model(trained / "export")
+    red, blue = (str(trained / f"held_out_{colour}.mp4") for colour in ("red", "blue"))
+    with Decoder(DecodeConfig(resolution=32, num_frames=6)) as decoder:  # reference: one video at a time
+        expected = [model.vqgan.encode(decoder.decode(uri)[0]) for uri in (red, blue, red)]
+    together = list(model.read_videos([red, blue, red], num_frames=6))
+    assert len(together) == 3 and not np.array_equal(together[0], together[1])
+    for got, want in zip(together, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
+    videos = model.read_videos([red, str(tmp_path / "broken.mp4"), blue], num_frames=6)
+    np.testing.assert_array_equal(next(videos), expected[0])
+    with pytest.raises(ValueError, match="broken.mp4"):
+        next(videos)
+
+
 def test_generate_writes_an_image_and_guidance_follows_the_prompt(trained, tmp_path):  # noqa: F811
     out = lvm("generate", "--checkpoint", str(trained / "export"), "--prompt", "a red video",
               "--output", str(tmp_path / "red.png"), "--temperature", "1", "--top-k", "20")  # fmt: skip

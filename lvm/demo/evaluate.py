@@ -3,7 +3,9 @@ baselines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +29,17 @@ class Evaluator:
         self.room, self.fps = room, fps
         self.codes: dict[str, np.ndarray] = {}
 
-    def read(self, model, video: str) -> np.ndarray:
-        if video not in self.codes:
-            self.codes[video] = model.read_video(video, fps=self.fps)
-        return self.codes[video]
+    def videos(self, model, items: list[dict]) -> Iterator[np.ndarray]:
+        """Codes of each item's video in turn: cached, or read through one decoder process for the whole set."""
+        todo = [v for v in dict.fromkeys(item["video"] for item in items) if v not in self.codes]
+        if not todo:  # all cached: no decoder to start
+            yield from (self.codes[item["video"]] for item in items)
+            return
+        with contextlib.closing(model.read_videos(todo, fps=self.fps)) as fresh:
+            for item in items:
+                if item["video"] not in self.codes:
+                    self.codes[item["video"]] = next(fresh)
+                yield self.codes[item["video"]]
 
     def predict(self, model, ctx, kind: str) -> str:
         question, _ = scenes.QUESTIONS[kind]
@@ -43,8 +52,9 @@ class Evaluator:
         `baselines`, also question-only and mismatched-video (item i's questions asked of item i+1's video)
         accuracy of each."""
         records, mismatched = [], []
-        for i, item in enumerate(tqdm(items, desc=desc, leave=False)):
-            ctx = model.video_context(self.read(model, item["video"]), self.room)
+        videos = self.videos(model, items)
+        for i, (item, codes) in enumerate(zip(tqdm(items, desc=desc, leave=False), videos, strict=True)):
+            ctx = model.video_context(codes, self.room)
             for kind in (k for k in scenes.QUESTIONS if k in item):
                 pred = self.predict(model, ctx, kind)
                 records.append({"video": item["video"], "kind": kind, "depth": item["depth"],
