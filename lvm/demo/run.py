@@ -59,7 +59,7 @@ class DemoConfig:
     stages: tuple[StagePlan, ...] = (
         StagePlan("2k", 2048, "1,8,1,1", 8, 100, 1e6, 1500, (3, 110), 24, 5e-3),
         StagePlan("4k", 4096, "1,4,1,2", 4, 72, 1e6, 240, (60, 236), 24, 1e-3),
-        StagePlan("8k", 8704, "1,4,1,2", 8, 24, 1e6, 160, (482, 490), 50, 5e-4, grad_accum=2, warmup=2),
+        StagePlan("8k", 8704, "1,4,1,2", 4, 44, 1e6, 160, (482, 490), 50, 5e-4, warmup=4),
     )
     res: int = 32  # frame size; the tiny VQGAN makes (res / 8)^2 codes per frame
     needle_frames: int = 48  # 12 s at 4 fps: the card is 48 x 17 = 816 of a final video's 8.6K tokens (9.5%)
