@@ -85,8 +85,11 @@ def test_baselines_ask_each_video_the_previous_videos_questions():
     truth = {it["video"]: it for it in items}
 
     class Oracle:
+        def read_videos(self, uris, fps):
+            yield from uris  # the "codes" are the video name
+
         def video_context(self, codes, room):
-            return codes  # the "codes" are the video name
+            return codes
 
         def option_logprobs(self, ctx, question, options):
             kind = next(k for k, (q, _) in scenes.QUESTIONS.items() if q == question)
@@ -97,7 +100,6 @@ def test_baselines_ask_each_video_the_previous_videos_questions():
             return [0.0] + [-1.0] * (len(options) - 1)
 
     ev = Evaluator(room=8, fps=4)
-    ev.codes = {it["video"]: it["video"] for it in items}
     r = ev.run(Oracle(), items, "test", baselines=True)
     assert r["accuracy"] == 1.0 and r["questions"] == 16
     agree = [items[i][k] == items[i - 1][k] for i in range(1, 8) for k in ("colour", "shape")]

@@ -91,7 +91,7 @@ def test_default_frames_fill_the_context_and_options_score_by_likelihood(trained
     )
 
 
-def test_read_videos_decodes_ahead_and_names_a_bad_file(trained, tmp_path):  # noqa: F811
+def test_read_videos_match_one_at_a_time_and_name_a_bad_file(trained, tmp_path):  # noqa: F811
     from lvm.data_pipeline.decode import DecodeConfig, Decoder
 
     model = load_model(trained / "export")

@@ -32,9 +32,7 @@ class Evaluator:
     def videos(self, model, items: list[dict]) -> Iterator[np.ndarray]:
         """Codes of each item's video in turn: cached, or read through one decoder process for the whole set."""
         todo = [v for v in dict.fromkeys(item["video"] for item in items) if v not in self.codes]
-        if not todo:  # all cached: no decoder to start
-            yield from (self.codes[item["video"]] for item in items)
-            return
+        # lazy: the decoder starts at the first uncached video, so a fully cached set starts none
         with contextlib.closing(model.read_videos(todo, fps=self.fps)) as fresh:
             for item in items:
                 if item["video"] not in self.codes:
