@@ -21,7 +21,7 @@ from typing import Any
 
 from lvm import schema
 from lvm.attention.layout import LAYOUTS, check_layout
-from lvm.attention.ring import resolve_chunks
+from lvm.attention.ring import KERNELS, resolve_chunks
 from lvm.schema import ConfigError
 from lvm.schema import choice as _choice
 from lvm.schema import positive as _positive
@@ -109,14 +109,17 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
-    """Ring attention settings; chunk sizes of None are derived from the per-device block."""
+    """Ring attention settings: the per-step kernel ("auto": fused Pallas kernels on TPU and GPU, XLA blockwise
+    elsewhere; "xla"; "fused") and its tile sizes (None: derived from the per-device block for that kernel)."""
 
     layout: str = "zigzag"
     q_chunk: int | None = None
     kv_chunk: int | None = None
+    kernel: str = "auto"
 
     def __post_init__(self):
         _choice("attention.layout", self.layout, LAYOUTS)
+        _choice("attention.kernel", self.kernel, KERNELS)
         _positive("attention", self, ("q_chunk", "kv_chunk"))
 
 

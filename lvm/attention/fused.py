@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lvm.attention.blockwise import Stats, Tiling
+from lvm.attention.blockwise import Stats, Tiling, varying_like
 
 F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -87,7 +87,9 @@ def check_head_dim(target: Target, head_dim: int) -> None:
     ok = _is_pow2(head_dim) and 16 <= head_dim <= 256 if target.flavour == "gpu" else head_dim % 8 == 0
     if not ok:
         need = "a power of two in [16, 256]" if target.flavour == "gpu" else "a multiple of 8"
-        raise Unsupported(f"head_dim={head_dim} is not supported by the fused {target.flavour} kernel (needs {need})")
+        raise Unsupported(
+            f"head_dim={head_dim} is not supported by the fused {target.flavour} kernel (needs {need})"
+        )
 
 
 def resolve_tiles(target: Target, block_len: int, run: int, q_chunk, kv_chunk, head_dim: int) -> dict:
@@ -194,8 +196,12 @@ def _compiler_params(target: Target, semantics: tuple[str, ...], tile_elems: int
     return pltriton.CompilerParams(num_warps=4 if tile_elems <= 64 * 64 else 8, num_stages=2)
 
 
-def _call(kernel, target: Target, **kw):
-    return pl.pallas_call(kernel, interpret=target.interpret, **kw)
+def _call(kernel, target: Target, args, out_shape, **kw):
+    """`pallas_call` whose operands and results all vary over the same manual mesh axes (inside shard_map)."""
+    args = [varying_like(a, *args) for a in args]
+    mat = jax.typeof(args[0]).manual_axis_type
+    out_shape = [jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat) for shape, dtype in out_shape]
+    return pl.pallas_call(kernel, interpret=target.interpret, out_shape=out_shape, **kw)(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -275,25 +281,30 @@ def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Til
         args += [q_seg[:, :, None], k_seg[:, None, :]]
     in_specs += [per_q(d), per_kv, per_kv, per_q(d), per_q(1), per_q(1)]
     args += [qh, k, v, o, m, l]
-    out_shape = [jax.ShapeDtypeStruct(x.shape, F32) for x in (o, m, l)]
+    out_shape = [(x.shape, F32) for x in (o, m, l)]
     out_specs = [per_q(d), per_q(1), per_q(1)]
     nq = c // cq
     if count:
-        out_shape.append(jax.ShapeDtypeStruct((b, h, nq, 8, 128), jnp.int32))
+        out_shape.append(((b, h, nq, 8, 128), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, None, 8, 128), lambda bi, hi, i, j: (bi, hi, i, 0, 0)))
     first_state = len(args) - 3
-    kernel = partial(_forward_kernel, causal=tiling.causal, has_seg=has_seg, n_loop=n_loop, ck=ck, counting=count)
+    kernel = partial(
+        _forward_kernel, causal=tiling.causal, has_seg=has_seg, n_loop=n_loop, ck=ck, counting=count
+    )
     outs = _call(
         kernel,
         target,
+        args,
+        out_shape,
         grid=(b, h, nq, n_grid),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=out_shape,
         input_output_aliases={first_state + n: n for n in range(3)},
         compiler_params=_compiler_params(target, ("parallel", "parallel", "parallel", "arbitrary"), cq * ck),
-    )(*args)
-    new = Stats(outs[0].reshape(stats.o.shape), outs[1].reshape(stats.m.shape), outs[2].reshape(stats.l.shape))
+    )
+    new = Stats(
+        outs[0].reshape(stats.o.shape), outs[1].reshape(stats.m.shape), outs[2].reshape(stats.l.shape)
+    )
     tiles = outs[3][:, :, :, 0, 0].sum(axis=2) if count else None
     return new, tiles
 
@@ -398,16 +409,17 @@ def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tili
         ]
     in_specs += [per_q(d), per_kv, per_kv, per_q(d), per_q(1), per_q(1), per_q(d)]
     args = [*bounds, *idx, *seg, qh, k, v, doh, lse4, delta4, dq.reshape(b, h, c, d)]
-    dq_new = _call(
+    (dq_new,) = _call(
         partial(_dq_kernel, causal=tiling.causal, has_seg=has_seg, n_loop=n_loop, ck=ck),
         target,
+        args,
+        [((b, h, c, d), F32)],
         grid=(b, h, c // cq, n_grid),
         in_specs=in_specs,
-        out_specs=per_q(d),
-        out_shape=jax.ShapeDtypeStruct((b, h, c, d), F32),
+        out_specs=[per_q(d)],
         input_output_aliases={len(args) - 1: 0},
         compiler_params=_compiler_params(target, ("parallel", "parallel", "parallel", "arbitrary"), cq * ck),
-    )(*args)
+    )
 
     # dk/dv: grid (b, kv heads, key tiles, query heads of the group, query blocks)
     g_grid, g_loop = _split_inner(target, g)
@@ -430,12 +442,13 @@ def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tili
     dk, dv = _call(
         partial(_dkv_kernel, causal=tiling.causal, has_seg=has_seg, n_loop_g=g_loop, n_loop_q=q_loop, cq=cq),
         target,
+        [*bounds, *idx, *seg, qh, k, v, doh, lse4, delta4],
+        [(k.shape, F32)] * 2,
         grid=(b, hk, kv_len // ck, g_grid, q_grid),
         in_specs=in_specs,
         out_specs=[per_k, per_k],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, F32)] * 2,
         compiler_params=_compiler_params(
             target, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), cq * ck
         ),
-    )(*bounds, *idx, *seg, qh, k, v, doh, lse4, delta4)
+    )
     return dq_new.reshape(dq.shape), dk, dv

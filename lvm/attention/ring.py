@@ -8,6 +8,7 @@ after N hops.
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import NamedTuple
 
@@ -17,16 +18,21 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from lvm.attention import blockwise
+from lvm.attention import blockwise, fused
 from lvm.attention.layout import check_layout, from_layout, local_token_index, run_length, to_layout
 
 MAX_DEFAULT_CHUNK = 512
+KERNELS = ("auto", "xla", "fused")
+_log = logging.getLogger(__name__)
+_fallbacks_logged: set[str] = set()
 
 
 class RingConfig(NamedTuple):
     axis_name: str
     layout: str
-    tiling: blockwise.Tiling
+    tiling: blockwise.Tiling  # forward tiles
+    backward_tiling: blockwise.Tiling
+    target: fused.Target | None  # None: the XLA blockwise kernel
 
 
 def default_chunk(run: int, limit: int = MAX_DEFAULT_CHUNK) -> int:
@@ -51,6 +57,35 @@ def resolve_chunks(block_len: int, n_devices: int, layout: str, q_chunk, kv_chun
             )
         out.append(int(value))
     return out[0], out[1]
+
+
+def choose_kernel(
+    kernel: str, platform: str, block_len: int, n_devices: int, layout: str, head_dim: int, q_chunk, kv_chunk
+):
+    """Resolve `kernel` ("auto", "xla" or "fused") for `platform` to (target, forward tiles, backward tiles).
+
+    `target` is None for the XLA blockwise kernel. "fused" where the fused kernels cannot run these shapes is a
+    ValueError naming the reason; "auto" is "fused" on TPU and GPU and "xla" elsewhere, and falls back to "xla"
+    (logging why, once) where the fused kernels cannot run.
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
+    cq, ck = resolve_chunks(block_len, n_devices, layout, q_chunk, kv_chunk)
+    xla = None, (cq, ck), _backward_tiles(cq, ck)
+    if kernel == "xla" or (kernel == "auto" and platform not in ("tpu", "gpu", "cuda", "rocm")):
+        return xla
+    target = fused.target_for(platform)
+    run = run_length(layout, block_len, n_devices)
+    try:
+        tiles = fused.resolve_tiles(target, block_len, run, q_chunk, kv_chunk, head_dim)
+    except fused.Unsupported as err:
+        if kernel == "fused":
+            raise
+        if str(err) not in _fallbacks_logged:
+            _fallbacks_logged.add(str(err))
+            _log.warning("attention kernel 'auto' uses 'xla': %s", err)
+        return xla
+    return target, tiles[False], tiles[True]
 
 
 def check_heads(num_heads: int, num_kv_heads: int) -> None:
@@ -91,15 +126,29 @@ def _key_index(cfg: RingConfig, step, n, c):
     return local_token_index((lax.axis_index(cfg.axis_name) - step) % n, n, c, cfg.layout)
 
 
-def _ring_forward(q, k, v, seg, cfg: RingConfig):
-    """Forward over the ring (q pre-scaled). Returns (out, lse, tiles computed per ring step [N])."""
+def _block_forward(cfg: RingConfig, *args, count: bool):
+    """One ring step's forward on the configured kernel: (stats, score tiles computed or None)."""
+    if cfg.target is None:
+        return blockwise.block_forward(*args, cfg.tiling)
+    stats, tiles = fused.block_forward(*args, cfg.tiling, target=cfg.target, count=count)
+    return stats, None if tiles is None else tiles[0, 0]
+
+
+def _block_backward(cfg: RingConfig, *args):
+    if cfg.target is None:
+        return blockwise.block_backward(*args, cfg.backward_tiling)
+    return fused.block_backward(*args, cfg.backward_tiling, target=cfg.target)
+
+
+def _ring_forward(q, k, v, seg, cfg: RingConfig, count: bool = False):
+    """Forward over the ring (q pre-scaled). Returns (out, lse, tiles computed per ring step [N] if `count`)."""
     n, c = lax.axis_size(cfg.axis_name), q.shape[3]
     q_idx, q = _local_query_index(cfg, q, n, c)
 
     def visit(step, kv, stats, counts):
         k_idx = _key_index(cfg, step, n, c)
-        stats, count = blockwise.block_forward(q, kv[0], kv[1], q_idx, k_idx, seg, kv[2], stats, cfg.tiling)
-        return stats, counts.at[step].set(count)
+        stats, tiles = _block_forward(cfg, q, kv[0], kv[1], q_idx, k_idx, seg, kv[2], stats, count=count)
+        return stats, counts if tiles is None else counts.at[step].set(tiles)
 
     def ring_step(step, carry):
         stats, kv, counts = carry
@@ -115,12 +164,12 @@ def _ring_forward(q, k, v, seg, cfg: RingConfig):
     return out, lse, counts
 
 
-def _backward_tiling(tiling: blockwise.Tiling) -> blockwise.Tiling:
-    """The backward keeps about twice as many score tiles alive as the forward; tiles of half the chunk in each
-    direction keep its peak memory below the forward's (and stay aligned with the causal diagonal)."""
-    if tiling.q_chunk % 2 or tiling.kv_chunk % 2:
-        return tiling
-    return tiling._replace(q_chunk=tiling.q_chunk // 2, kv_chunk=tiling.kv_chunk // 2)
+def _backward_tiles(q_chunk: int, kv_chunk: int) -> tuple[int, int]:
+    """The XLA backward keeps about twice as many score tiles alive as the forward; tiles of half the chunk in
+    each direction keep its peak memory below the forward's (and stay aligned with the causal diagonal)."""
+    if q_chunk % 2 or kv_chunk % 2:
+        return q_chunk, kv_chunk
+    return q_chunk // 2, kv_chunk // 2
 
 
 def _scale(q):
@@ -146,9 +195,7 @@ def _ring_core_bwd(cfg, res, do):
     def visit(step, kv, dq, grads_in):
         """Add this device's share to the block's key/value gradients and pass them on."""
         k_idx = _key_index(cfg, step, n, c)
-        dq, dk, dv = blockwise.block_backward(
-            qs, kv[0], kv[1], do, lse, delta, q_idx, k_idx, seg, kv[2], dq, _backward_tiling(cfg.tiling)
-        )
+        dq, dk, dv = _block_backward(cfg, qs, kv[0], kv[1], do, lse, delta, q_idx, k_idx, seg, kv[2], dq)
         return dq, _shift((dk + grads_in[0], dv + grads_in[1]), cfg.axis_name, n)
 
     def ring_step(step, carry):
@@ -168,33 +215,72 @@ def _ring_core_bwd(cfg, res, do):
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 
-def _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk) -> RingConfig:
+def _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk, kernel, platform) -> RingConfig:
     check_heads(q.shape[2], k.shape[2])
     n = lax.axis_size(axis_name)
-    cq, ck = resolve_chunks(q.shape[1], n, layout, q_chunk, kv_chunk)
-    return RingConfig(axis_name, layout, blockwise.Tiling(cq, ck, causal))
+    target, fwd, bwd = choose_kernel(
+        kernel, platform or jax.default_backend(), q.shape[1], n, layout, q.shape[3], q_chunk, kv_chunk
+    )
+    return RingConfig(
+        axis_name, layout, blockwise.Tiling(*fwd, causal), blockwise.Tiling(*bwd, causal), target
+    )
 
 
 def ring_attention(
-    q, k, v, segment_ids=None, *, axis_name="sp", causal=True, layout="zigzag", q_chunk=None, kv_chunk=None
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    axis_name="sp",
+    causal=True,
+    layout="zigzag",
+    q_chunk=None,
+    kv_chunk=None,
+    kernel="auto",
+    platform=None,
 ):
     """Attention of local blocks inside `shard_map` (tokens already in `layout` order).
 
     q: [batch, block, heads, head_dim]; k, v: [batch, block, kv_heads, head_dim]; segment_ids: [batch, block]
-    (this device's slice, same layout). Returns [batch, block, heads, head_dim] in q's dtype.
+    (this device's slice, same layout). `kernel` picks the per-step kernel (see `choose_kernel`) for `platform`
+    (default: jax's default backend). Returns [batch, block, heads, head_dim] in q's dtype.
     """
-    cfg = _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk)
+    cfg = _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk, kernel, platform)
     qi, ki, vi = _to_internal(q, k, v)
     return _from_internal_q(_ring_core(qi, ki, vi, segment_ids, cfg))
 
 
 def ring_block_counts(
-    q, k, v, segment_ids=None, *, axis_name="sp", causal=True, layout="zigzag", q_chunk=None, kv_chunk=None
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    axis_name="sp",
+    causal=True,
+    layout="zigzag",
+    q_chunk=None,
+    kv_chunk=None,
+    kernel="auto",
+    platform=None,
 ):
     """Inside `shard_map`: score tiles the forward kernel computes on this device at each ring step, int32 [N]."""
-    cfg = _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk)
+    cfg = _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk, kernel, platform)
     qi, ki, vi = _to_internal(q, k, v)
-    return _ring_forward(_scale(qi), ki, vi, segment_ids, cfg)[2]
+    return _ring_forward(_scale(qi), ki, vi, segment_ids, cfg, count=True)[2]
+
+
+def checks_vma(target: fused.Target | None) -> bool:
+    """Whether a shard_map around ring attention on `target` can check varying manual axes: Pallas's interpreter
+    (jax 0.10) re-traces kernels at lowering time with grid indices that do not vary, so interpret mode needs
+    `check_vma=False`; compiled kernels and the XLA kernel keep the check."""
+    return target is None or not target.interpret
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform ("cpu", "gpu", "tpu") of the mesh's devices (TPU for ahead-of-time topology meshes)."""
+    return mesh.devices.flat[0].platform
 
 
 def _specs(mesh: Mesh, axis_name: str, batch: int, heads: int, kv_heads: int):
@@ -230,19 +316,33 @@ def sharded_attention(
     layout="zigzag",
     q_chunk=None,
     kv_chunk=None,
+    kernel="auto",
 ):
     """Exact attention of global arrays with the sequence sharded over `axis_name` of `mesh`.
 
     q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim], natural token order;
-    segment_ids: [batch, seq] (tokens attend only within their segment). Returns [batch, seq, heads, head_dim].
+    segment_ids: [batch, seq] (tokens attend only within their segment). `kernel`: "xla" (blockwise XLA),
+    "fused" (Pallas kernels; interpret mode on CPU) or "auto" ("fused" on TPU and GPU, else "xla").
+    Returns [batch, seq, heads, head_dim].
     """
-    b, s, h, _ = q.shape
+    b, s, h, d = q.shape
     check_heads(h, k.shape[2])
     n = mesh.shape[axis_name] if axis_name in mesh.axis_names else 1
     check_layout(layout, s, n)
-    resolve_chunks(s // n, n, layout, q_chunk, kv_chunk)  # fail before tracing when a chunk cannot work
+    platform = mesh_platform(mesh)
+    target = choose_kernel(kernel, platform, s // n, n, layout, d, q_chunk, kv_chunk)[
+        0
+    ]  # fail before tracing
     act, tok = _specs(mesh, axis_name, b, h, k.shape[2])
-    kw = dict(axis_name=axis_name, causal=causal, layout=layout, q_chunk=q_chunk, kv_chunk=kv_chunk)
+    kw = dict(
+        axis_name=axis_name,
+        causal=causal,
+        layout=layout,
+        q_chunk=q_chunk,
+        kv_chunk=kv_chunk,
+        kernel=kernel,
+        platform=platform,
+    )
 
     def local(q, k, v, seg):
         q, k, v = (to_layout(x, axis_name, layout) for x in (q, k, v))
@@ -250,5 +350,7 @@ def sharded_attention(
         return from_layout(ring_attention(q, k, v, seg, **kw), axis_name, layout)
 
     seg_spec = None if segment_ids is None else tok
-    fn = jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, seg_spec), out_specs=act)
+    fn = jax.shard_map(
+        local, mesh=mesh, in_specs=(act, act, act, seg_spec), out_specs=act, check_vma=checks_vma(target)
+    )
     return fn(q, k, v, segment_ids)
