@@ -362,7 +362,7 @@ def test_fused_ring_lowers_to_triton_kernels_for_cuda():
         local = lambda q, k, v, s, kernel=kernel: ring_attention(q, k, v, s, kernel=kernel, platform="gpu")
         act = P(None, "sp")
         ring = jax.shard_map(local, mesh=mesh, in_specs=(act, act, act, act), out_specs=act)
-        step = lambda q, k, v, cot: value_and_grads(lambda q, k, v: ring(q, k, v, seg), q, k, v, cot)
+        step = lambda q, k, v, cot, ring=ring: value_and_grads(lambda *a: ring(*a, seg), q, k, v, cot)
         text = jax.jit(step).trace(q, k, v, cot).lower(lowering_platforms=("cuda",)).as_text()
         counts[kernel] = text.count("xla.gpu.triton")
     assert counts["fused"] >= 3 and counts["xla"] == 0, counts
