@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from jax.experimental import pallas as pl
 from lvm.attention.blockwise import Stats, Tiling, varying_like
 
 F32 = jnp.float32
+NN = (((1,), (0,)), ((), ()))  # a @ b
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -138,10 +140,8 @@ def _bounds(idx: jax.Array, tile: int) -> tuple[jax.Array, jax.Array]:
     return jnp.min(t, axis=1), jnp.max(t, axis=1)
 
 
-def _visit(compute, carry, q_lo, q_hi, k_lo, k_hi, causal: bool):
+def _visit(compute, carry, q_lo, q_hi, k_lo, k_hi):
     """`compute(carry, diagonal)` unless the causal mask hides the tile; `diagonal` says a causal mask is needed."""
-    if not causal:
-        return compute(carry, False)
     hidden = k_lo > q_hi
     below = k_hi <= q_lo
     return lax.cond(
@@ -149,6 +149,44 @@ def _visit(compute, carry, q_lo, q_hi, k_lo, k_hi, causal: bool):
         lambda c: c,
         lambda c: lax.cond(below, partial(compute, diagonal=False), partial(compute, diagonal=True), c),
         carry,
+    )
+
+
+def _spans(outer_lo, outer_hi, inner_lo, inner_hi, queries_outer: bool):
+    """GPU schedule: split points (a, b) [n_outer] of the inner tiles of each outer tile.
+
+    Global indices increase along each block in every layout, so with queries outside the inner key tiles are
+    [0, a) wholly visible, [a, b) diagonal, [b, n) hidden; with keys outside the inner query tiles are [0, a)
+    hidden, [a, b) diagonal, [b, n) wholly visible.
+    """
+    count = lambda cond: jnp.sum(cond, axis=1, dtype=jnp.int32)
+    if queries_outer:  # outer = query tiles, inner = key tiles
+        a = count(inner_hi[None, :] <= outer_lo[:, None])
+        b = count(inner_lo[None, :] <= outer_hi[:, None])
+    else:  # outer = key tiles, inner = query tiles
+        a = count(inner_hi[None, :] < outer_lo[:, None])
+        b = count(inner_lo[None, :] < outer_hi[:, None])
+    return a, b
+
+
+def _sweep(step, carry, sched, outer, inner, n_loop, causal: bool, tpu: bool, queries_outer: bool):
+    """Visit this grid step's inner tiles with `step(t, carry, diagonal)`, skipping tiles the mask hides.
+
+    TPU: one inner tile per grid step (n_loop == 1), classified from the tile bounds in SMEM.
+    GPU: every inner tile in loops over the ranges of `_spans` (plain loops that Triton can pipeline).
+    """
+    if not causal:
+        return _loop(0, n_loop, partial(step, diagonal=False), carry)
+    if tpu:
+        q_lo, q_hi, k_lo, k_hi = sched
+        qt, kt = (outer, inner) if queries_outer else (inner, outer)
+        return _visit(partial(step, 0), carry, q_lo[qt], q_hi[qt], k_lo[kt], k_hi[kt])
+    a, b = sched[0][outer], sched[1][outer]
+    carry = _loop(a, b, partial(step, diagonal=True), carry)
+    return (
+        _loop(0, a, partial(step, diagonal=False), carry)
+        if queries_outer
+        else _loop(b, n_loop, partial(step, diagonal=False), carry)
     )
 
 
@@ -166,22 +204,16 @@ def _scores(q, k, mask):
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-def _loop(n: int, body, carry):
-    """fori_loop over n tiles; a single tile is visited with a static index (aligned slices for Mosaic)."""
-    return body(0, carry) if n == 1 else lax.fori_loop(0, n, body, carry)
+def _loop(lo, hi, body, carry):
+    """fori_loop over tiles [lo, hi); a single static tile is visited with a static index (aligned for Mosaic)."""
+    if isinstance(lo, int) and isinstance(hi, int) and hi - lo == 1:
+        return body(lo, carry)
+    return lax.fori_loop(lo, hi, body, carry)
 
 
 def _split_inner(target: Target, n_tiles: int) -> tuple[int, int]:
     """(grid steps, in-kernel loop steps) for an accumulated axis of `n_tiles` tiles."""
     return (n_tiles, 1) if target.flavour == "tpu" else (1, n_tiles)
-
-
-def _bounds_spec(target: Target):
-    if target.flavour == "tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        return pl.BlockSpec(memory_space=pltpu.SMEM)
-    return pl.BlockSpec()
 
 
 def _compiler_params(target: Target, semantics: tuple[str, ...], tile_elems: int):
@@ -205,12 +237,59 @@ def _call(kernel, target: Target, args, out_shape, **kw):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Operands shared by the three kernels
+
+
+class _Operands(NamedTuple):
+    """Schedule, index and segment operands of one kernel, with their BlockSpecs."""
+
+    args: list
+    specs: list
+
+
+def _schedule_and_indices(target, q_idx, k_idx, q_seg, k_seg, cq, ck, q_block, kv_block, queries_outer, maps):
+    """The tile schedule (TPU: tile bounds in SMEM; GPU: `_spans`), global indices [c, 1] / [1, kv] and segment
+    ids [b, c, 1] / [b, 1, kv]. `maps` = (query block index, key block index) as functions of the grid."""
+    q_map, k_map = maps
+    (q_lo, q_hi), (k_lo, k_hi) = _bounds(q_idx, cq), _bounds(k_idx, ck)
+    if target.flavour == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        sched = [q_lo, q_hi, k_lo, k_hi]
+        sched_spec = pl.BlockSpec(memory_space=pltpu.SMEM)
+    else:
+        outer = (q_lo, q_hi, k_lo, k_hi) if queries_outer else (k_lo, k_hi, q_lo, q_hi)
+        sched = list(_spans(*outer, queries_outer))
+        sched_spec = pl.BlockSpec()
+    args = [*sched, q_idx[:, None], k_idx[None, :]]
+    specs = [sched_spec] * len(sched) + [
+        pl.BlockSpec((q_block, 1), lambda *g: (q_map(*g), 0)),
+        pl.BlockSpec((1, kv_block), lambda *g: (0, k_map(*g))),
+    ]
+    if q_seg is not None:
+        args += [q_seg[:, :, None], k_seg[:, None, :]]
+        specs += [
+            pl.BlockSpec((None, q_block, 1), lambda bi, *g: (bi, q_map(bi, *g), 0)),
+            pl.BlockSpec((None, 1, kv_block), lambda bi, *g: (bi, 0, k_map(bi, *g))),
+        ]
+    return _Operands(args, specs)
+
+
+def _unpack(refs, tpu: bool, has_seg: bool):
+    """(schedule refs, q_idx, k_idx, q_seg, k_seg, remaining refs) of a kernel's argument list."""
+    n_sched = 4 if tpu else 2
+    sched, (q_idx, k_idx), refs = refs[:n_sched], refs[n_sched : n_sched + 2], refs[n_sched + 2 :]
+    if has_seg:
+        return sched, q_idx, k_idx, refs[0], refs[1], refs[2:]
+    return sched, q_idx, k_idx, None, None, refs
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Forward
 
 
-def _forward_kernel(*refs, causal, has_seg, n_loop, ck, counting):
-    q_lo, q_hi, k_lo, k_hi, q_idx, k_idx, *refs = refs
-    q_seg, k_seg, *refs = refs if has_seg else (None, None, *refs)
+def _forward_kernel(*refs, causal, tpu, has_seg, n_loop, ck, counting):
+    sched, q_idx, k_idx, q_seg, k_seg, refs = _unpack(refs, tpu, has_seg)
     q_ref, k_ref, v_ref, o_in, m_in, l_in, o_ref, m_ref, l_ref, *cnt = refs
     i, j = pl.program_id(2), pl.program_id(3)
 
@@ -223,73 +302,73 @@ def _forward_kernel(*refs, causal, has_seg, n_loop, ck, counting):
     q, qi = q_ref[...], q_idx[...]
     qs = None if q_seg is None else q_seg[...]
 
-    def tile(t, carry):
-        kt = j * n_loop + t
+    def step(t, carry, diagonal):
+        o, m, l, n = carry  # noqa: E741
         ks = pl.ds(pl.multiple_of(t * ck, ck), ck)
+        mask = _mask(qi, k_idx[:, ks], qs, None if k_seg is None else k_seg[:, ks], diagonal)
+        s = _scores(q, k_ref[ks, :], mask)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe)
+        alpha = jnp.exp(m - m_safe)
+        v = v_ref[ks, :]
+        pv = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=F32)
+        return alpha * o + pv, m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), n + 1
 
-        def compute(carry, diagonal):
-            o, m, l, n = carry  # noqa: E741
-            mask = _mask(qi, k_idx[:, ks], qs, None if k_seg is None else k_seg[:, ks], diagonal)
-            s = _scores(q, k_ref[ks, :], mask)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            p = jnp.exp(s - m_safe)
-            alpha = jnp.exp(m - m_safe)
-            v = v_ref[ks, :]
-            pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=F32)
-            return alpha * o + pv, m_new, alpha * l + jnp.sum(p, axis=1, keepdims=True), n + 1
-
-        return _visit(compute, carry, q_lo[i], q_hi[i], k_lo[kt], k_hi[kt], causal)
-
-    o, m, l, n = _loop(n_loop, tile, (o_ref[...], m_ref[...], l_ref[...], jnp.int32(0)))  # noqa: E741
+    carry = (o_ref[...], m_ref[...], l_ref[...], jnp.int32(0))
+    o, m, l, n = _sweep(step, carry, sched, i, j, n_loop, causal, tpu, queries_outer=True)  # noqa: E741
     o_ref[...], m_ref[...], l_ref[...] = o, m, l
     if counting:
         cnt[0][...] += n
 
 
-def _stats_layout(x, b, h, c):
+def _per_head(x, b, h, c):
+    """[b, hk, g, c, ...] -> [b, h, c, d or 1] (query heads flattened; statistics get a trailing unit axis)."""
     return x.reshape(b, h, c, -1)
 
 
 def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Tiling, *, target, count=False):
     """Fold key/value block (k, v) into `stats` (q pre-scaled); layouts as in `blockwise.block_forward`.
 
-    Returns (stats, tiles computed per batch row and query head, summed over query tiles; 0 unless `count`).
+    Global indices must increase along each block (true of every layout). Returns (stats, score tiles computed
+    per batch row and query head [b, h], or None unless `count`).
     """
     b, hk, g, c, d = q.shape
     h, kv_len = hk * g, k.shape[2]
     cq, ck = tiling.q_chunk, tiling.kv_chunk
     n_grid, n_loop = _split_inner(target, kv_len // ck)
     kv_block = kv_len // n_grid
-    has_seg = q_seg is not None
-    qh = q.reshape(b, h, c, d)
-    o, m, l = (_stats_layout(x, b, h, c) for x in stats)  # noqa: E741
-
+    nq = c // cq
+    ops = _schedule_and_indices(
+        target,
+        q_idx,
+        k_idx,
+        q_seg,
+        k_seg,
+        cq,
+        ck,
+        cq,
+        kv_block,
+        True,
+        (lambda b, h, i, j: i, lambda b, h, i, j: j),
+    )
     per_q = lambda w: pl.BlockSpec((None, None, cq, w), lambda bi, hi, i, j: (bi, hi, i, 0))
     per_kv = pl.BlockSpec((None, None, kv_block, d), lambda bi, hi, i, j: (bi, lax.div(hi, g), j, 0))
-    bounds = _bounds_spec(target)
-    in_specs = [bounds] * 4 + [
-        pl.BlockSpec((cq, 1), lambda bi, hi, i, j: (i, 0)),
-        pl.BlockSpec((1, kv_block), lambda bi, hi, i, j: (0, j)),
-    ]
-    args = [*_bounds(q_idx, cq), *_bounds(k_idx, ck), q_idx[:, None], k_idx[None, :]]
-    if has_seg:
-        in_specs += [
-            pl.BlockSpec((None, cq, 1), lambda bi, hi, i, j: (bi, i, 0)),
-            pl.BlockSpec((None, 1, kv_block), lambda bi, hi, i, j: (bi, 0, j)),
-        ]
-        args += [q_seg[:, :, None], k_seg[:, None, :]]
-    in_specs += [per_q(d), per_kv, per_kv, per_q(d), per_q(1), per_q(1)]
-    args += [qh, k, v, o, m, l]
-    out_shape = [(x.shape, F32) for x in (o, m, l)]
+    state = [_per_head(x, b, h, c) for x in stats]
+    args = [*ops.args, q.reshape(b, h, c, d), k, v, *state]
+    out_shape = [(x.shape, F32) for x in state]
     out_specs = [per_q(d), per_q(1), per_q(1)]
-    nq = c // cq
     if count:
         out_shape.append(((b, h, nq, 8, 128), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, None, 8, 128), lambda bi, hi, i, j: (bi, hi, i, 0, 0)))
-    first_state = len(args) - 3
     kernel = partial(
-        _forward_kernel, causal=tiling.causal, has_seg=has_seg, n_loop=n_loop, ck=ck, counting=count
+        _forward_kernel,
+        causal=tiling.causal,
+        tpu=target.flavour == "tpu",
+        has_seg=q_seg is not None,
+        n_loop=n_loop,
+        ck=ck,
+        counting=count,
     )
     outs = _call(
         kernel,
@@ -297,16 +376,13 @@ def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Til
         args,
         out_shape,
         grid=(b, h, nq, n_grid),
-        in_specs=in_specs,
+        in_specs=[*ops.specs, per_q(d), per_kv, per_kv, per_q(d), per_q(1), per_q(1)],
         out_specs=out_specs,
-        input_output_aliases={first_state + n: n for n in range(3)},
+        input_output_aliases={len(args) - 3 + n: n for n in range(3)},
         compiler_params=_compiler_params(target, ("parallel", "parallel", "parallel", "arbitrary"), cq * ck),
     )
-    new = Stats(
-        outs[0].reshape(stats.o.shape), outs[1].reshape(stats.m.shape), outs[2].reshape(stats.l.shape)
-    )
-    tiles = outs[3][:, :, :, 0, 0].sum(axis=2) if count else None
-    return new, tiles
+    new = Stats(*(x.reshape(old.shape) for x, old in zip(outs[:3], stats, strict=True)))
+    return new, (outs[3][:, :, :, 0, 0].sum(axis=2) if count else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,9 +396,8 @@ def _probs_and_ds(q, k, v, do, lse, delta, mask):
     return p, (p * (dp - delta)).astype(q.dtype)
 
 
-def _dq_kernel(*refs, causal, has_seg, n_loop, ck):
-    q_lo, q_hi, k_lo, k_hi, q_idx, k_idx, *refs = refs
-    q_seg, k_seg, *refs = refs if has_seg else (None, None, *refs)
+def _dq_kernel(*refs, causal, tpu, has_seg, n_loop, ck):
+    sched, q_idx, k_idx, q_seg, k_seg, refs = _unpack(refs, tpu, has_seg)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_in, dq_ref = refs
     i, j = pl.program_id(2), pl.program_id(3)
 
@@ -333,24 +408,18 @@ def _dq_kernel(*refs, causal, has_seg, n_loop, ck):
     q, do, lse, delta, qi = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], q_idx[...]
     qs = None if q_seg is None else q_seg[...]
 
-    def tile(t, dq):
-        kt = j * n_loop + t
+    def step(t, dq, diagonal):
         ks = pl.ds(pl.multiple_of(t * ck, ck), ck)
+        k = k_ref[ks, :]
+        mask = _mask(qi, k_idx[:, ks], qs, None if k_seg is None else k_seg[:, ks], diagonal)
+        _, ds = _probs_and_ds(q, k, v_ref[ks, :], do, lse, delta, mask)
+        return dq + lax.dot_general(ds, k, NN, preferred_element_type=F32)
 
-        def compute(dq, diagonal):
-            k = k_ref[ks, :]
-            mask = _mask(qi, k_idx[:, ks], qs, None if k_seg is None else k_seg[:, ks], diagonal)
-            _, ds = _probs_and_ds(q, k, v_ref[ks, :], do, lse, delta, mask)
-            return dq + lax.dot_general(ds, k, (((1,), (0,)), ((), ())), preferred_element_type=F32)
-
-        return _visit(compute, dq, q_lo[i], q_hi[i], k_lo[kt], k_hi[kt], causal)
-
-    dq_ref[...] = _loop(n_loop, tile, dq_ref[...])
+    dq_ref[...] = _sweep(step, dq_ref[...], sched, i, j, n_loop, causal, tpu, queries_outer=True)
 
 
-def _dkv_kernel(*refs, causal, has_seg, n_loop_g, n_loop_q, cq):
-    q_lo, q_hi, k_lo, k_hi, q_idx, k_idx, *refs = refs
-    q_seg, k_seg, *refs = refs if has_seg else (None, None, *refs)
+def _dkv_kernel(*refs, causal, tpu, has_seg, n_loop_g, n_loop_q, cq):
+    sched, q_idx, k_idx, q_seg, k_seg, refs = _unpack(refs, tpu, has_seg)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
     j, gi, i = pl.program_id(2), pl.program_id(3), pl.program_id(4)
 
@@ -362,23 +431,19 @@ def _dkv_kernel(*refs, causal, has_seg, n_loop_g, n_loop_q, cq):
     k, v, ki = k_ref[...], v_ref[...], k_idx[...]
     ks = None if k_seg is None else k_seg[...]
 
-    def tile(t, carry):
-        gs, tq = (0, t) if n_loop_g == 1 else (lax.div(t, n_loop_q), lax.rem(t, n_loop_q))
-        qt = i * n_loop_q + tq
-        rows = pl.ds(pl.multiple_of(tq * cq, cq), cq)
-
-        def compute(carry, diagonal):
+    def head(gs, carry):
+        def step(t, carry, diagonal):
             dk, dv = carry
+            rows = pl.ds(pl.multiple_of(t * cq, cq), cq)
             q, do = q_ref[gs, rows, :], do_ref[gs, rows, :]
             mask = _mask(q_idx[rows, :], ki, None if q_seg is None else q_seg[rows, :], ks, diagonal)
             p, ds = _probs_and_ds(q, k, v, do, lse_ref[gs, rows, :], delta_ref[gs, rows, :], mask)
             dv = dv + lax.dot_general(p.astype(do.dtype), do, TN, preferred_element_type=F32)
             return dk + lax.dot_general(ds, q, TN, preferred_element_type=F32), dv
 
-        return _visit(compute, carry, q_lo[qt], q_hi[qt], k_lo[j], k_hi[j], causal)
+        return _sweep(step, carry, sched, j, i, n_loop_q, causal, tpu, queries_outer=False)
 
-    dk, dv = _loop(n_loop_g * n_loop_q, tile, (dk_ref[...], dv_ref[...]))
-    dk_ref[...], dv_ref[...] = dk, dv
+    dk_ref[...], dv_ref[...] = _loop(0, n_loop_g, head, (dk_ref[...], dv_ref[...]))
 
 
 def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tiling: Tiling, *, target):
@@ -386,36 +451,36 @@ def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tili
     b, hk, g, c, d = q.shape
     h, kv_len = hk * g, k.shape[2]
     cq, ck = tiling.q_chunk, tiling.kv_chunk
-    has_seg = q_seg is not None
+    tpu, has_seg = target.flavour == "tpu", q_seg is not None
     qh, doh = q.reshape(b, h, c, d), do.reshape(b, h, c, d)
-    lse4, delta4 = (_stats_layout(x, b, h, c) for x in (lse, delta))
-    bounds = [*_bounds(q_idx, cq), *_bounds(k_idx, ck)]
-    idx = [q_idx[:, None], k_idx[None, :]]
-    seg = [q_seg[:, :, None], k_seg[:, None, :]] if has_seg else []
+    lse4, delta4 = (_per_head(x, b, h, c) for x in (lse, delta))
 
     # dq: grid (b, h, query tiles, key blocks)
     n_grid, n_loop = _split_inner(target, kv_len // ck)
     kv_block = kv_len // n_grid
+    ops = _schedule_and_indices(
+        target,
+        q_idx,
+        k_idx,
+        q_seg,
+        k_seg,
+        cq,
+        ck,
+        cq,
+        kv_block,
+        True,
+        (lambda b, h, i, j: i, lambda b, h, i, j: j),
+    )
     per_q = lambda w: pl.BlockSpec((None, None, cq, w), lambda bi, hi, i, j: (bi, hi, i, 0))
     per_kv = pl.BlockSpec((None, None, kv_block, d), lambda bi, hi, i, j: (bi, lax.div(hi, g), j, 0))
-    in_specs = [_bounds_spec(target)] * 4 + [
-        pl.BlockSpec((cq, 1), lambda bi, hi, i, j: (i, 0)),
-        pl.BlockSpec((1, kv_block), lambda bi, hi, i, j: (0, j)),
-    ]
-    if has_seg:
-        in_specs += [
-            pl.BlockSpec((None, cq, 1), lambda bi, hi, i, j: (bi, i, 0)),
-            pl.BlockSpec((None, 1, kv_block), lambda bi, hi, i, j: (bi, 0, j)),
-        ]
-    in_specs += [per_q(d), per_kv, per_kv, per_q(d), per_q(1), per_q(1), per_q(d)]
-    args = [*bounds, *idx, *seg, qh, k, v, doh, lse4, delta4, dq.reshape(b, h, c, d)]
+    args = [*ops.args, qh, k, v, doh, lse4, delta4, dq.reshape(b, h, c, d)]
     (dq_new,) = _call(
-        partial(_dq_kernel, causal=tiling.causal, has_seg=has_seg, n_loop=n_loop, ck=ck),
+        partial(_dq_kernel, causal=tiling.causal, tpu=tpu, has_seg=has_seg, n_loop=n_loop, ck=ck),
         target,
         args,
         [((b, h, c, d), F32)],
         grid=(b, h, c // cq, n_grid),
-        in_specs=in_specs,
+        in_specs=[*ops.specs, per_q(d), per_kv, per_kv, per_q(d), per_q(1), per_q(1), per_q(d)],
         out_specs=[per_q(d)],
         input_output_aliases={len(args) - 1: 0},
         compiler_params=_compiler_params(target, ("parallel", "parallel", "parallel", "arbitrary"), cq * ck),
@@ -425,27 +490,38 @@ def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tili
     g_grid, g_loop = _split_inner(target, g)
     q_grid, q_loop = _split_inner(target, c // cq)
     g_block, q_block = g // g_grid, c // q_grid
+    ops = _schedule_and_indices(
+        target,
+        q_idx,
+        k_idx,
+        q_seg,
+        k_seg,
+        cq,
+        ck,
+        q_block,
+        ck,
+        False,
+        (lambda b, h, j, gi, i: i, lambda b, h, j, gi, i: j),
+    )
     per_qg = lambda w: pl.BlockSpec(
         (None, g_block, q_block, w), lambda bi, hi, j, gi, i: (bi, hi * g_grid + gi, i, 0)
     )
     per_k = pl.BlockSpec((None, None, ck, d), lambda bi, hi, j, gi, i: (bi, hi, j, 0))
-    in_specs = [_bounds_spec(target)] * 4 + [
-        pl.BlockSpec((q_block, 1), lambda bi, hi, j, gi, i: (i, 0)),
-        pl.BlockSpec((1, ck), lambda bi, hi, j, gi, i: (0, j)),
-    ]
-    if has_seg:
-        in_specs += [
-            pl.BlockSpec((None, q_block, 1), lambda bi, hi, j, gi, i: (bi, i, 0)),
-            pl.BlockSpec((None, 1, ck), lambda bi, hi, j, gi, i: (bi, 0, j)),
-        ]
-    in_specs += [per_qg(d), per_k, per_k, per_qg(d), per_qg(1), per_qg(1)]
     dk, dv = _call(
-        partial(_dkv_kernel, causal=tiling.causal, has_seg=has_seg, n_loop_g=g_loop, n_loop_q=q_loop, cq=cq),
+        partial(
+            _dkv_kernel,
+            causal=tiling.causal,
+            tpu=tpu,
+            has_seg=has_seg,
+            n_loop_g=g_loop,
+            n_loop_q=q_loop,
+            cq=cq,
+        ),
         target,
-        [*bounds, *idx, *seg, qh, k, v, doh, lse4, delta4],
+        [*ops.args, qh, k, v, doh, lse4, delta4],
         [(k.shape, F32)] * 2,
         grid=(b, hk, kv_len // ck, g_grid, q_grid),
-        in_specs=in_specs,
+        in_specs=[*ops.specs, per_qg(d), per_k, per_k, per_qg(d), per_qg(1), per_qg(1)],
         out_specs=[per_k, per_k],
         compiler_params=_compiler_params(
             target, ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), cq * ck
