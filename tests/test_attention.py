@@ -373,7 +373,10 @@ def test_kernel_choice_errors_and_fallback(caplog):
 
     mesh = make_mesh((2,), ("sp",))
     q, k, v, _ = random_qkv(0, 1, 128, 2, 2, 64)  # layout run of 32 tokens: too short for 128-lane key tiles
-    with pytest.raises(ValueError, match="no kv_chunk for the fused tpu kernel divides the layout run of 32"):
+    with pytest.raises(
+        ValueError,
+        match="no kv_chunk divides the layout run of 32 tokens and is a multiple of 128 up to 1024 for the fused tpu",
+    ):
         sharded_attention(q, k, v, mesh, kernel="fused")
     with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
         sharded_attention(q, k, v, mesh, kernel="flash")
@@ -386,3 +389,7 @@ def test_kernel_choice_errors_and_fallback(caplog):
     assert choose_kernel("auto", "cpu", 1024, 1, "zigzag", 64, None, None)[0] is None
     assert choose_kernel("auto", "tpu", 1024, 1, "zigzag", 128, None, None)[0].flavour == "tpu"
     assert choose_kernel("auto", "gpu", 1024, 1, "zigzag", 128, None, None)[0].flavour == "gpu"
+    with pytest.raises(ValueError, match="q_chunk=512 must divide .* a power of two from 16 to 256"):
+        choose_kernel("fused", "gpu", 1024, 1, "zigzag", 128, 512, None)
+    with caplog.at_level("WARNING"):  # the XLA kernel's GPU tiles (2048) fall back to it under auto
+        assert choose_kernel("auto", "gpu", 8192, 1, "zigzag", 128, 2048, 2048)[0] is None

@@ -43,10 +43,18 @@ class Target:
     flavour: str
     interpret: bool = False
 
-    @property
-    def min_tiles(self) -> tuple[int, int]:
-        """Smallest (query, key) tile: TPU sublanes x lanes (key indices lie along lanes), GPU MMA shape."""
-        return (8, 128) if self.flavour == "tpu" else (16, 16)
+    def tile_ok(self, size: int, axis: int) -> bool:
+        """Whether `size` suits the query (axis 0) or key (axis 1) tiles: TPU tiles are whole sublanes (8) for
+        queries and whole lanes (128) for keys, whose indices lie along lanes, and fit VMEM; GPU (Triton) tiles
+        are powers of two that fit registers."""
+        if self.flavour == "gpu":
+            return _is_pow2(size) and 16 <= size <= 256
+        return size % (8, 128)[axis] == 0 and size <= 1024
+
+    def tile_rule(self, axis: int) -> str:
+        if self.flavour == "gpu":
+            return "a power of two from 16 to 256"
+        return f"a multiple of {(8, 128)[axis]} up to 1024"
 
     def default_tiles(self, backward: bool) -> tuple[int, int]:
         if self.flavour == "tpu":
@@ -71,20 +79,6 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _tile_ok(target: Target, size: int, minimum: int) -> bool:
-    if target.flavour == "gpu":
-        return _is_pow2(size) and size >= minimum
-    return size % minimum == 0
-
-
-def _pick_tile(target: Target, run: int, want: int, minimum: int) -> int | None:
-    """Largest tile <= `want` that divides the layout run and suits the target (None if there is none)."""
-    for t in range(min(want, run), minimum - 1, -1):
-        if run % t == 0 and _tile_ok(target, t, minimum):
-            return t
-    return None
-
-
 def check_head_dim(target: Target, head_dim: int) -> None:
     ok = _is_pow2(head_dim) and 16 <= head_dim <= 256 if target.flavour == "gpu" else head_dim % 8 == 0
     if not ok:
@@ -95,35 +89,30 @@ def check_head_dim(target: Target, head_dim: int) -> None:
 
 
 def resolve_tiles(target: Target, block_len: int, run: int, q_chunk, kv_chunk, head_dim: int) -> dict:
-    """Forward and backward tiles for a local block of `block_len` tokens made of runs of `run` indices.
+    """{backward: (q tile, kv tile)} for a local block of `block_len` tokens made of runs of `run` indices.
 
-    Explicit chunks are used for both passes (checked); defaults are chosen per pass and target.
-    Raises `Unsupported` with the reason when the fused kernels cannot run these shapes.
+    Explicit chunks are used for both passes (checked); defaults are the largest suitable divisors of the run
+    up to the target's preferred tiles. Raises `Unsupported` with the reason when the kernels cannot run.
     """
     check_head_dim(target, head_dim)
     tiles = {}
     for backward in (False, True):
         pair = []
-        for name, value, want, minimum in zip(
-            ("q_chunk", "kv_chunk"),
-            (q_chunk, kv_chunk),
-            target.default_tiles(backward),
-            target.min_tiles,
-            strict=True,
-        ):
+        for axis, (name, value) in enumerate((("q_chunk", q_chunk), ("kv_chunk", kv_chunk))):
+            rule = f"{target.tile_rule(axis)} for the fused {target.flavour} kernel"
             if value is None:
-                value = _pick_tile(target, run, want, minimum)
-                if value is None:
+                want = target.default_tiles(backward)[axis]
+                fits = [t for t in range(min(want, run), 0, -1) if run % t == 0 and target.tile_ok(t, axis)]
+                if not fits:
                     raise Unsupported(
-                        f"no {name} for the fused {target.flavour} kernel divides the layout run of {run} tokens "
-                        f"({'a power of two' if target.flavour == 'gpu' else 'a multiple of'} >= {minimum} "
-                        "is needed); use longer sequences per device or kernel='xla'"
+                        f"no {name} divides the layout run of {run} tokens and is {rule}; use longer "
+                        "sequences per device or kernel='xla'"
                     )
-            elif block_len % value or not _tile_ok(target, value, minimum):
-                kind = "a power of two" if target.flavour == "gpu" else "a multiple of"
+                value = fits[0]
+            elif block_len % value or not target.tile_ok(value, axis):
                 raise Unsupported(
-                    f"{name}={value} does not suit the fused {target.flavour} kernel: it must divide the "
-                    f"per-device block of {block_len} tokens and be {kind} >= {minimum}"
+                    f"{name}={value} must divide the per-device block of {block_len} tokens and be {rule}; "
+                    "unset it for the kernel's default or use kernel='xla'"
                 )
             pair.append(int(value))
         tiles[backward] = tuple(pair)

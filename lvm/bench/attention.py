@@ -105,6 +105,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest query/key chunk for ours and the reference (default: ours its own defaults, reference "
         "min(512, seq/sp))",
     )
+    parser.add_argument(
+        "--kernel",
+        default="auto",
+        choices=["auto", "xla", "fused"],
+        help="ring attention's per-step kernel (auto: fused on TPU/GPU, xla on CPU; %(default)s)",
+    )
     parser.add_argument("--matmul-size", type=int, help="n of the [n, n] x [n, n] yardstick matmul")
     parser.add_argument(
         "--devices", type=int, default=8, help="simulated CPU devices (set before jax starts)"
@@ -137,6 +143,7 @@ def settings_from_args(args) -> dict[str, Any]:
         "matmul_size": pick("matmul_size"),
         "dense_max_len": args.dense_max_len,
         "chunk": args.chunk,
+        "kernel": args.kernel,
     }
 
 
@@ -180,7 +187,7 @@ def _measure_ours(case, settings, jax, jnp, common_mod):
 
     from lvm.attention import dense_attention, sharded_attention
     from lvm.attention.layout import run_length
-    from lvm.attention.ring import default_chunk, resolve_chunks
+    from lvm.attention.ring import choose_kernel, default_chunk, mesh_platform
 
     s, sp, causal = case["seq_len"], case["sp"], case["causal"]
     dtype = jnp.dtype(settings["dtype"])
@@ -200,11 +207,24 @@ def _measure_ours(case, settings, jax, jnp, common_mod):
         chunk = None
         if settings["chunk"]:
             chunk = default_chunk(run_length(layout, s // sp, sp), settings["chunk"])
-        case["q_chunk"], case["kv_chunk"] = resolve_chunks(s // sp, sp, layout, chunk, chunk)
+        kernel = settings.get("kernel", "auto")
+        target, tiles, _ = choose_kernel(
+            kernel, mesh_platform(mesh), s // sp, sp, layout, shape[3], chunk, chunk
+        )
+        case["kernel"] = "xla" if target is None else "fused"
+        case["q_chunk"], case["kv_chunk"] = tiles
 
         def attention(q, k, v):
             return sharded_attention(
-                q, k, v, mesh, causal=causal, layout=layout, q_chunk=chunk, kv_chunk=chunk
+                q,
+                k,
+                v,
+                mesh,
+                causal=causal,
+                layout=layout,
+                q_chunk=chunk,
+                kv_chunk=chunk,
+                kernel=kernel,
             )
 
         sharding = NamedSharding(mesh, P(None, "sp", None, None))
