@@ -10,6 +10,8 @@ per-device argument, output, aliased and temporary bytes; a plan that does not f
 
 from __future__ import annotations
 
+import base64
+import collections
 import dataclasses
 import importlib.util
 import math
@@ -20,7 +22,8 @@ import time
 import jax
 import numpy as np
 
-from lvm.attention.ring import resolve_chunks
+from lvm.attention.layout import run_length
+from lvm.attention.ring import choose_kernel, default_chunk
 from lvm.config import Config, ConfigError
 from lvm.model import (
     DEFAULT_FFN_CHUNK,
@@ -41,6 +44,10 @@ CPU_NOTE = (
     "compiled for simulated CPU devices: XLA's CPU compiler fuses, pads and schedules differently from TPU, so "
     "these bytes are only an estimate of TPU memory; install libtpu (pip install -e '.[plan]') for a TPU compile"
 )
+# a Mosaic (Pallas TPU) kernel in compiled HLO text: a custom call whose backend config carries the kernel's
+# serialized MLIR module in base64 (JSON inside the HLO text, its quotes escaped or not)
+MOSAIC_BODY = re.compile(r'\\?"body\\?"\s*:\s*\\?"(?P<b64>[A-Za-z0-9+/=]+)')
+KERNEL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*_kernel(?![A-Za-z0-9_])")  # the kernel function's symbol
 HBM_OOM = re.compile(
     r"HLO temporaries \((?P<temp>[\d.]+[KMGT]?)\) exceeds available HBM \((?P<hbm>[\d.]+[KMGT]?)\)"
 )
@@ -160,21 +167,43 @@ def shard_bytes(tree) -> int:
     return sum(leaf(x) for x in jax.tree.leaves(tree))
 
 
-def step_memory(cfg: Config, devices: list) -> dict:
-    """Compile `cfg`'s train step for `devices` and return its per-device memory in bytes."""
+def lower_step(cfg: Config, devices: list):
+    """`cfg`'s train step lowered for `devices` from abstract arguments: (lowered, cfg with its mesh resolved,
+    (params, opt_state, batch) ShapeDtypeStructs). Nothing is allocated; `.compile()` it for the program."""
     mesh_cfg = cfg.mesh.resolve(len(devices))
     cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     cfg.check_batch_shape(cfg.train.microbatch, cfg.train.seq_len, len(devices))
     mesh = make_mesh(mesh_cfg, devices)
     optimizer = make_optimizer(cfg.train)
-    params, opt_state, batch = abstract_args(cfg, mesh, optimizer)
+    args = abstract_args(cfg, mesh, optimizer)
+    return make_train_step(cfg, mesh, optimizer).lower(*args), cfg, args
+
+
+def mosaic_kernels(hlo_text: str) -> dict[str, int]:
+    """The Mosaic (Pallas TPU) kernels of a compiled program's HLO text: {kernel name: custom calls}.
+
+    Each kernel is a `tpu_custom_call` whose backend config holds the kernel's MLIR module, base64-encoded;
+    Pallas names the module's function after the kernel function (e.g. `_forward_kernel`)."""
+    counts: collections.Counter = collections.Counter()
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        names = set()
+        for body in MOSAIC_BODY.finditer(line):
+            names.update(n.decode() for n in KERNEL_NAME.findall(base64.b64decode(body["b64"])))
+        counts[", ".join(sorted(names)) or "(unnamed)"] += 1
+    return dict(sorted(counts.items()))
+
+
+def step_memory(cfg: Config, devices: list) -> dict:
+    """Compile `cfg`'s train step for `devices` and return its per-device memory in bytes (and, on TPU, the
+    Mosaic kernels in the compiled program)."""
     start = time.perf_counter()
+    lowered, cfg, (params, opt_state, batch) = lower_step(cfg, devices)
     out = {"params": shard_bytes(params), "opt_state": shard_bytes(opt_state), "batch": shard_bytes(batch)}
-    result = {"bytes": out, "mesh": mesh_cfg}
+    result = {"bytes": out, "mesh": cfg.mesh}
     try:
-        stats = (
-            make_train_step(cfg, mesh, optimizer).lower(params, opt_state, batch).compile().memory_analysis()
-        )
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as err:
         oom = HBM_OOM.search(str(err))
         if not oom:
@@ -187,6 +216,7 @@ def step_memory(cfg: Config, devices: list) -> dict:
             usable_hbm_bytes=_parse_bytes(oom["hbm"]), compile_error=_one_line(err), tpu_compile_oom=True
         )
     else:
+        stats = compiled.memory_analysis()
         out.update(
             arguments=int(stats.argument_size_in_bytes),
             outputs=int(stats.output_size_in_bytes),
@@ -198,6 +228,8 @@ def step_memory(cfg: Config, devices: list) -> dict:
         out["peak"] = (
             out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["generated_code"]
         )
+        if devices[0].platform == "tpu":
+            result["mosaic_kernels"] = mosaic_kernels(compiled.as_text())
     result["compile_s"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -235,8 +267,12 @@ def plan(
                 f"topology {topology} has {n} chips but --devices is {devices}; make them agree"
             )
     _chip(chip)
-    cfg.check_devices(devices)  # a mesh that cannot use `devices` fails here, before any compile
+    mesh = cfg.check_devices(devices)  # a mesh that cannot use `devices` fails here, before any compile
     target = _Target(backend, chip, topology or (topology_name(chip, devices) if backend != "cpu" else None))
+    try:  # the kernel the step would use on this platform, checked before any compile
+        attention = attention_kernel(cfg, mesh, target.platform)
+    except ValueError as err:
+        raise ConfigError(f"{err} (attention.kernel / attention.q_chunk / attention.kv_chunk)") from None
     measured = target.compile(cfg, devices)
     memory = chip_memory_gib if chip_memory_gib is not None else CHIPS[chip].hbm_gib
     fits, peak = _fits(measured, memory), measured["bytes"]["peak"]
@@ -252,10 +288,11 @@ def plan(
         "backend": target.label,
         "device_kind": target.device_kind,
         "batch": {"batch_size": t.batch_size, "grad_accum": t.grad_accum, "seq_len": t.seq_len},
+        "attention": attention,
         "model": {
             "remat": cfg.model.remat,
             "scan_layers": cfg.model.scan_layers,
-            **_chunks(cfg, measured["mesh"]),
+            **_model_chunks(cfg, measured["mesh"]),
         },
         "bytes_per_device": measured["bytes"],
         "gib_per_device": {k: _gib(v) for k, v in measured["bytes"].items()},
@@ -264,6 +301,12 @@ def plan(
         "headroom_gib" if fits else "shortfall_gib": _gib(abs(margin)),
         "compile_s": measured["compile_s"],
     }
+    if "mosaic_kernels" in measured:
+        attention["compiled_mosaic_kernels"] = measured["mosaic_kernels"]
+        if attention["kernel"] == "fused" and not measured["mosaic_kernels"]:
+            report["warning"] = (
+                "the fused attention kernel was chosen but the compiled step has no Mosaic kernel"
+            )
     if target.note:
         report["note"] = target.note
     for key in ("compile_error",):
@@ -297,6 +340,11 @@ class _Target:
             self.note = CPU_NOTE
 
     @property
+    def platform(self) -> str:
+        """The platform the step is compiled for ("tpu" or "cpu"): it picks the attention kernel under "auto"."""
+        return self.devices[0].platform if self.devices else "cpu"
+
+    @property
     def device_kind(self) -> str:
         return self.devices[0].device_kind if self.devices else jax.devices("cpu")[0].device_kind
 
@@ -326,32 +374,74 @@ def _chip(chip: str) -> Chip:
     return CHIPS[chip]
 
 
-def _chunks(cfg: Config, mesh) -> dict:
-    """The chunk sizes the step uses (explicit or derived from the per-device block)."""
-    from lvm.attention.ring import default_chunk
-
+def attention_kernel(cfg: Config, mesh, platform: str) -> dict:
+    """The ring attention kernel ("xla" or "fused") and the tiles the step uses on `platform` ("tpu", "cpu"),
+    resolved as `lvm.model` resolves them; a ValueError names why a requested kernel or tile cannot be used."""
+    a = cfg.attention
     block = cfg.train.seq_len // mesh.sp
-    q, kv = resolve_chunks(
-        block, mesh.sp, cfg.attention.layout, cfg.attention.q_chunk, cfg.attention.kv_chunk
+    target, fwd, bwd = choose_kernel(
+        a.kernel, platform, block, mesh.sp, a.layout, cfg.model.head_dim, a.q_chunk, a.kv_chunk
     )
+    out = {
+        "kernel": "xla" if target is None else "fused",
+        "requested": a.kernel,
+        "platform": platform,
+        "layout": a.layout,
+        "layout_run": run_length(a.layout, block, mesh.sp),
+        "q_tile": fwd[0],
+        "kv_tile": fwd[1],
+        "backward_q_tile": bwd[0],
+        "backward_kv_tile": bwd[1],
+    }
+    if target is not None and target.interpret:
+        out["interpret"] = True  # Pallas interpret mode on CPU: its memory says nothing about a TPU kernel
+    return out
+
+
+def _model_chunks(cfg: Config, mesh) -> dict:
+    """The feed-forward and loss chunk sizes the step uses (explicit or derived from the per-device block)."""
+    block = cfg.train.seq_len // mesh.sp
     m = cfg.model
     return {
-        "q_chunk": q,
-        "kv_chunk": kv,
         "ffn_chunk": m.ffn_chunk or default_chunk(block, DEFAULT_FFN_CHUNK),
         "loss_chunk": m.loss_chunk or default_chunk(block, DEFAULT_LOSS_CHUNK),
     }
+
+
+def _halved_tiles(cfg: Config, mesh, platform: str) -> tuple[int, int] | None:
+    """Half the attention tiles, when the halves suit the kernel in use (fused on TPU: kv a multiple of 128, q of
+    8; any kernel: dividing the layout run); else None."""
+    att = attention_kernel(cfg, mesh, platform)
+    q, kv = att["q_tile"] // 2, att["kv_tile"] // 2
+    if q < 1 or kv < 1 or att["layout_run"] % q or att["layout_run"] % kv:
+        return None
+    a = cfg.attention
+    try:  # the kernel in use, not "auto": halved tiles must not quietly switch kernels
+        choose_kernel(
+            att["kernel"],
+            platform,
+            cfg.train.seq_len // mesh.sp,
+            mesh.sp,
+            a.layout,
+            cfg.model.head_dim,
+            q,
+            kv,
+        )
+    except ValueError:
+        return None
+    return q, kv
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Suggestions: re-plan the knobs that trade memory for time or devices
 
 
-def variants(cfg: Config, devices: int) -> list[tuple[str, int, dict]]:
-    """(description, devices, Config.replace kwargs) of each single change that may lower per-device memory."""
+def variants(cfg: Config, devices: int, platform: str = "cpu") -> list[tuple[str, int, dict]]:
+    """(description, devices, Config.replace kwargs) of each single change that may lower per-device memory;
+    `platform` ("tpu" or "cpu") is where the step is compiled (it decides the attention kernel and its tiles)."""
     mesh = cfg.mesh.resolve(devices)
     m, t, a = cfg.model, cfg.train, cfg.attention
-    c = _chunks(cfg, mesh)
+    c = _model_chunks(cfg, mesh)
     out = []
     donor = next((ax for ax in ("fsdp", "dp", "tp") if getattr(mesh, ax) % 2 == 0), None)
     if donor:  # a shorter per-device block: activations shrink, parameters are sharded the same (fsdp*sp)
@@ -359,8 +449,9 @@ def variants(cfg: Config, devices: int) -> list[tuple[str, int, dict]]:
         out.append((f"sp x2 (from {donor})", devices, {"mesh": sp_mesh}))
     if m.remat != "full":
         out.append(("model.remat=full", devices, {"model": dataclasses.replace(m, remat="full")}))
-    if c["q_chunk"] > 1 and c["kv_chunk"] > 1:
-        q, kv = c["q_chunk"] // 2, c["kv_chunk"] // 2
+    halved = _halved_tiles(cfg, mesh, platform)
+    if halved:
+        q, kv = halved
         out.append(
             (
                 f"attention chunks /2 (q {q}, kv {kv})",
@@ -395,7 +486,7 @@ def variants(cfg: Config, devices: int) -> list[tuple[str, int, dict]]:
 def suggestions(cfg: Config, devices: int, memory_gib: float, target: _Target) -> list[dict]:
     """Re-plan each variant; report its peak and whether it fits (or why it cannot be planned)."""
     out = []
-    for change, n, replace in variants(cfg, devices):
+    for change, n, replace in variants(cfg, devices, target.platform):
         entry = {"change": change, "devices": n}
         try:
             measured = target.compile(dataclasses.replace(cfg, **replace), n)

@@ -77,6 +77,18 @@ def test_argument_bytes_match_shapes_and_shardings(tiny, planned):
     assert got["temporaries"] > 0 and got["peak"] >= got["arguments"] + got["temporaries"]
     assert report["mesh"] == dict(zip(MESH_AXES, (1, 2, 1, 4), strict=True))
     assert report["fits"] and report["headroom_gib"] > 31 and "suggestions" not in report
+    # on CPU "auto" is the XLA kernel: chunks of 512 (the zigzag run of the 1024-token block), halved backward
+    assert report["attention"] == {
+        "kernel": "xla",
+        "requested": "auto",
+        "platform": "cpu",
+        "layout": "zigzag",
+        "layout_run": 512,
+        "q_tile": 512,
+        "kv_tile": 512,
+        "backward_q_tile": 256,
+        "backward_kv_tile": 256,
+    }
 
 
 def test_fallback_says_so_and_allocates_no_weights(planned):
@@ -148,3 +160,51 @@ def test_tpu_ahead_of_time_plan(tiny):
         got["arguments"] >= got["params"] + got["opt_state"] + got["batch"]
     )  # TPU pads small arrays to tiles
     assert report["chip_memory_gib"] == 32.0 and report["fits"] and "note" not in report
+    # "auto" on a TPU topology: the fused kernels, whose Mosaic custom calls the compiled step holds
+    attention = report["attention"]
+    assert (attention["kernel"], attention["platform"], attention["q_tile"], attention["kv_tile"]) == (
+        "fused",
+        "tpu",
+        512,
+        512,
+    )
+    assert set(attention["compiled_mosaic_kernels"]) == {"_forward_kernel", "_dq_kernel", "_dkv_kernel"}
+
+
+def _attention_variant(cfg, devices, platform):
+    return next(
+        (v for v in planner.variants(cfg, devices, platform) if v[0].startswith("attention chunks")), None
+    )
+
+
+def test_attention_chunk_variant_suits_the_kernel(tiny):
+    """Halved tiles are offered only where the kernel in use accepts them: the fused TPU kernel needs key tiles
+    that are multiples of 128 dividing the layout run, so 4k on sp=4 (runs of 512) halves 512 -> 256 -> 128 and
+    stops there; the XLA kernel halves on."""
+    import dataclasses
+
+    fused = dataclasses.replace(tiny, attention=dataclasses.replace(tiny.attention, kernel="fused"))
+    change, _, replace = _attention_variant(fused, 8, "tpu")
+    assert change == "attention chunks /2 (q 256, kv 256)"
+    halved = dataclasses.replace(fused, **replace)
+    assert planner.attention_kernel(halved, halved.mesh, "tpu")["kv_tile"] == 256
+    assert _attention_variant(halved, 8, "tpu")[0] == "attention chunks /2 (q 128, kv 128)"
+    smallest = dataclasses.replace(
+        halved, attention=dataclasses.replace(halved.attention, q_chunk=128, kv_chunk=128)
+    )
+    assert _attention_variant(smallest, 8, "tpu") is None  # kv 64 is not a TPU key tile
+    assert _attention_variant(smallest, 8, "cpu") is None  # fused on CPU: the TPU kernel, interpreted
+    xla = dataclasses.replace(smallest, attention=dataclasses.replace(smallest.attention, kernel="xla"))
+    assert _attention_variant(xla, 8, "tpu")[0] == "attention chunks /2 (q 64, kv 64)"
+    auto = dataclasses.replace(smallest, attention=dataclasses.replace(smallest.attention, kernel="auto"))
+    assert _attention_variant(auto, 8, "tpu") is None  # auto is fused on TPU: no quiet switch to xla
+
+
+def test_fused_kernel_that_cannot_run_fails_before_compiling():
+    with pytest.raises(
+        ConfigError, match=r"no kv_chunk for the fused tpu kernel divides the layout run of 64"
+    ):
+        run_command(
+            "plan",
+            [*TINY, "--backend", "cpu", "--set", "attention.kernel=fused", "--set", "4k:train.seq_len=512"],
+        )

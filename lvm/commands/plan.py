@@ -107,6 +107,8 @@ def summary(r: dict) -> str:
         + "  ".join(f"{k} {g[k]}" for k in ("params", "opt_state", "batch", "temporaries", "peak")),
         f"peak {g['peak']} GiB of {r['chip_memory_gib']} GiB per chip: {verdict}",
     ]
+    if "attention" in r:
+        lines.append(attention_line(r["attention"]))
     for key in ("warning", "note"):
         if key in r:
             lines.append(f"{key}: {r[key]}")
@@ -116,6 +118,22 @@ def summary(r: dict) -> str:
         )
         lines.append(f"  try {s['change']:<40} {result}")
     return "\n".join(lines)
+
+
+def attention_line(a: dict) -> str:
+    """The attention kernel, its tiles and (TPU) the Mosaic kernels found in the compiled step, on one line."""
+    kernel = a["kernel"] + (" (interpret mode)" if a.get("interpret") else "")
+    line = (
+        f"attention: {kernel} kernel on {a['platform']} ({a['requested']} requested), {a['layout']} runs of "
+        f"{a['layout_run']}, tiles q x kv forward {a['q_tile']}x{a['kv_tile']}, "
+        f"backward {a['backward_q_tile']}x{a['backward_kv_tile']}"
+    )
+    if "compiled_mosaic_kernels" in a:
+        found = a["compiled_mosaic_kernels"]
+        line += "; Mosaic kernels in the program: " + (
+            ", ".join(f"{k} x{n}" for k, n in found.items()) if found else "none"
+        )
+    return line
 
 
 def _cpu_devices_short(args) -> bool:
