@@ -202,7 +202,7 @@ def test_attention_chunk_variant_suits_the_kernel(tiny):
 
 def test_fused_kernel_that_cannot_run_fails_before_compiling():
     with pytest.raises(
-        ConfigError, match=r"no kv_chunk for the fused tpu kernel divides the layout run of 64"
+        ConfigError, match=r"no kv_chunk divides the layout run of 64 tokens and is a multiple of 128"
     ):
         run_command(
             "plan",
