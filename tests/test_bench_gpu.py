@@ -1,0 +1,183 @@
+"""`scripts/gpu_check.sh` / `lvm.bench.gpu`: the one-GPU check, run here in smoke mode on CPU, its GPU programs
+lowered for CUDA without a GPU, and its budget and search logic."""
+
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import lvm.attention.ring as ring
+import lvm.model as model
+from lvm.bench import gpu
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+
+
+def positive(x) -> bool:
+    return isinstance(x, int | float) and x > 0
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """scripts/gpu_check.sh --smoke: every section with tiny shapes (fused kernels in Pallas interpret mode)."""
+    out = tmp_path_factory.mktemp("gpu-smoke")
+    env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(SCRIPT), "--smoke", "--out", str(out)], capture_output=True, text=True, env=env, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads((out / "gpu_check.json").read_text())
+    return payload, (out / "gpu_check.md").read_text(), time.perf_counter() - t0
+
+
+def test_script_is_executable_and_strict():
+    assert os.access(SCRIPT, os.X_OK)
+    text = SCRIPT.read_text()
+    assert "set -euo pipefail" in text and "timeout" in text and "PYTHONPATH" in text
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in text
+
+
+def test_smoke_measures_every_section(smoke):
+    p, _, _ = smoke
+    assert p["smoke"] and p["machine"]["jax_version"] == jax.__version__ and p["machine"]["device_kind"]
+    assert positive(p["matmul"]["flops_per_s"]) and len(p["matmul"]["times_s"]) >= 2
+    for name in gpu.SECTIONS:
+        section = p["sections"][name]
+        assert section["error"] is None and positive(section["used_s"]) and positive(section["budget_s"]), (
+            name
+        )
+
+    rows = {(r["impl"], r["causal"]): r for r in p["attention"]}
+    assert set(rows) == {(i, c) for i in gpu.IMPLS for c in (True, False)}
+    for (impl, causal), r in rows.items():
+        assert r["seq_len"] == 512 and not r.get("error") and not r.get("skipped"), r
+        for key in ("time_s", "flops", "flops_per_s", "of_matmul", "of_cudnn", "compile_s"):
+            assert positive(r[key]), (impl, causal, key)
+        assert r["flops"] == gpu.attention_flops(512, 2, 64, 1, causal)
+        assert r["time_s"] == statistics.median(r["times_s"])
+        if impl != "cudnn":  # the reference: cuDNN's gradients (on CPU its stand-in, XLA's attention)
+            assert r["grad_error_vs"] == "cudnn" and r["grad_max_rel_err"] < gpu.GRAD_TOLERANCE
+            assert r["tiles"]["forward"] and r["tiles"]["backward"]
+    assert rows[("xla", True)]["tiles"]["forward"] == [128, 128]  # q_chunk = kv_chunk = the smoke's xla_chunk
+    assert rows[("fused", True)]["kernel"] == "tpu (interpret)"  # on CPU the fused kernels are interpreted
+
+    train = {r["kernel"]: r for r in p["train"]}
+    assert set(train) == {"fused", "xla"}
+    for r in train.values():
+        for key in ("step_s", "tokens_per_s", "model_flops_per_s", "mfu", "of_matmul", "compile_s"):
+            assert positive(r[key]), (r["kernel"], key)
+        assert r["loss_finite"] and r["seq_len"] == 512 and positive(r["memory"]["peak_bytes"])
+        assert r["tokens_per_s"] == pytest.approx(512 / r["step_s"])
+
+    mc = p["max_context"]
+    assert mc["kernel"] == "fused" and positive(mc["memory_limit_bytes"])
+    assert [q["seq_len"] for q in mc["probes"]] == [512, 1024] and all(
+        positive(q["peak_bytes"]) for q in mc["probes"]
+    )
+    assert mc["fits_up_to"] == 1024 and positive(mc["bytes_per_token"])
+    assert (
+        mc["confirmed"]["seq_len"] == 1024
+        and positive(mc["confirmed"]["step_s"])
+        and mc["confirmed"]["loss_finite"]
+    )
+
+    t = p["targets"]
+    assert t["fused_vs_cudnn"]["measured"] == pytest.approx(rows[("fused", True)]["of_cudnn"])
+    assert t["mfu_1b"]["measured"] == pytest.approx(train["fused"]["mfu"])
+    assert all(isinstance(x["met"], bool) for x in t.values())
+
+
+def test_smoke_markdown_has_every_table(smoke):
+    _, md, seconds = smoke
+    for heading in ("## Targets", "## Attention fwd+bwd", "## Training step", "## Longest trainable context"):
+        assert heading in md
+    assert "## Sections (seconds)" in md and "SMOKE" in md
+    assert md.count("| cudnn ") == 2 and md.count("| fused ") >= 2 and "Confirmed: one step at 1024" in md
+    print(f"smoke run: {seconds:.1f} s")
+
+
+def test_gpu_programs_lower_for_cuda(monkeypatch):
+    """Without a GPU: the real run's attention programs (32K tokens, 32 heads x 128, bf16) and the 1B training
+    step at 32K lower for CUDA, the fused ones to Triton kernels (Pallas), the xla ones without any."""
+    monkeypatch.setattr(ring, "mesh_platform", lambda mesh: "gpu")
+    monkeypatch.setattr(model, "mesh_platform", lambda mesh: "gpu")
+    mesh1 = jax.make_mesh((1,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
+    run = types.SimpleNamespace(backend="gpu", settings=gpu.FULL, mesh1=mesh1)
+    s = gpu.FULL
+    x = jax.ShapeDtypeStruct((1, s.target_seq, s.heads, s.head_dim), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    for impl in ("fused", "xla"):
+        for causal in (True, False):
+            lowered = jax.jit(gpu.attention_fn(run, impl, causal)).trace(x, x, x, w)
+            text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+            assert (text.count("xla.gpu.triton") >= 3) == (impl == "fused"), (impl, causal)
+    assert gpu.describe_impl(run, "fused", s.target_seq)["tiles"] == {
+        "forward": [128, 64],
+        "backward": [64, 64],
+    }
+    assert gpu.describe_impl(run, "xla", s.target_seq)["tiles"]["forward"] == [2048, 2048]
+
+    from lvm.optim import make_optimizer
+    from lvm.planner import abstract_args
+    from lvm.sharding import make_mesh
+
+    cfg = gpu.model_config(run, s.train_seq, "fused")
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.attention.kernel) == (2048, 16, "fused")
+    mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+    optimizer = make_optimizer(cfg.train)
+    step = model.make_train_step(cfg, mesh, optimizer).trace(*abstract_args(cfg, mesh, optimizer))
+    assert step.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") >= 3
+
+
+def test_next_probe_brackets_the_longest_fitting_length():
+    """Memory a + b*n: doubling, then the straight line's prediction, then a one-step bracket in a few probes."""
+    step, usable = 16384, 70e9
+    peak = lambda n: 20e9 + 110e3 * n
+    truth = max(n for n in range(step, 1 << 23, step) if peak(n) <= usable)
+    peaks = {32768: peak(32768)}
+    while (n := gpu.next_probe(peaks, usable, step, 1 << 22)) is not None:
+        peaks[n] = peak(n)
+    assert len(peaks) <= 4 and list(peaks)[1] == 65536  # doubled first
+    fits = max(n for n, p in peaks.items() if p <= usable)
+    assert fits == truth and truth + step in peaks  # bracketed to one step
+    # a length that failed to compile counts as too big; the longest length probed caps the search
+    assert gpu.next_probe({32768: 30e9, 65536: float("inf")}, usable, step, 1 << 22) == 49152
+    assert gpu.next_probe({32768: 30e9, 65536: 40e9}, usable, step, 131072) == 131072
+    assert gpu.next_probe({32768: 30e9, 65536: 40e9, 131072: 60e9}, usable, step, 131072) is None
+    assert gpu.next_probe({32768: 80e9}, usable, step, 1 << 22) == 16384  # even the first is too big: halve
+
+
+def test_budget_carries_unused_time_and_skips_with_a_note(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(gpu.time, "perf_counter", lambda: clock[0])
+    budget = gpu.Budget({"a": 10, "b": 20, "c": 50}, deadline_s=60, started=100.0)
+    a = budget.open("a")
+    clock[0] += 4
+    budget.close(a)  # 6 s unused
+    b = budget.open("b")
+    assert b.budget_s == 26
+    assert b.allows(25, "x") and not b.allows(27, "the case at 128K")
+    assert b.notes == ["skipped the case at 128K: needs about 27 s, 26 s left of the b budget"]
+    clock[0] += 30
+    budget.close(b)  # 4 s over
+    assert budget.open("c").budget_s == 26  # capped by the deadline (60 - 34), not 50 - 4
+
+
+def test_attention_case_order_and_card_names():
+    cases = gpu.attention_cases(gpu.FULL)
+    assert len(cases) == 18 and cases[0] == {"seq_len": 8192, "causal": True, "impl": "cudnn"}
+    assert [(c["impl"], c["seq_len"]) for c in cases[-2:]] == [("xla", 131072)] * 2  # slowest last
+    target = [c for c in cases if c["seq_len"] == 32768 and c["causal"]]
+    assert cases.index(target[0]) < 9  # the 32K causal target is measured early
+    assert gpu.card_slug("NVIDIA H100 80GB HBM3") == "h100" and gpu.card_slug("NVIDIA H200") == "h200"
+    assert gpu.card_slug("NVIDIA A100-SXM4-80GB") == "a100" and gpu.card_slug("cpu") == "cpu"
