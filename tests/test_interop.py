@@ -2,11 +2,11 @@
 flax's own `to_bytes`, a pickled VQGAN) are imported and give the logits LWM's conventions give, computed here
 independently in numpy; the exported Llama gives the same logits under PyTorch `transformers`."""
 
+import importlib.util
 import io
 import json
 import os
 import pickle
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
