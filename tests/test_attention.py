@@ -30,12 +30,11 @@ def packed_segments(rng, batch, seq, max_docs=5):
     return out
 
 
-def numpy_attention(q, k, v, causal, seg):
-    """Independent float64 reference."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+def numpy_probs(q, k, causal, seg):
+    """Independent float64 softmax probabilities [b, h, q, k] (key heads repeated for GQA)."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     b, s, h, d = q.shape
     k = np.repeat(k, h // k.shape[2], axis=2)
-    v = np.repeat(v, h // v.shape[2], axis=2)
     scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
     mask = np.ones((b, 1, s, s), bool)
     if causal:
@@ -44,7 +43,13 @@ def numpy_attention(q, k, v, causal, seg):
         mask &= seg[:, None, :, None] == seg[:, None, None, :]
     scores = np.where(mask, scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
-    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+    return p / p.sum(-1, keepdims=True)
+
+
+def numpy_attention(q, k, v, causal, seg):
+    """Independent float64 reference."""
+    v = np.repeat(np.asarray(v, np.float64), q.shape[2] // v.shape[2], axis=2)
+    return np.einsum("bhqk,bkhd->bqhd", numpy_probs(q, k, causal, seg), v)
 
 
 def random_qkv(seed, b, s, h, hk, d, dtype=jnp.float32):
@@ -216,19 +221,11 @@ def spanning_segments(batch, seq, n):
 
 def numpy_attention_grads(q, k, v, cot, causal, seg):
     """float64 dq, dk, dv of numpy_attention (softmax backward written out; GQA summed over the group)."""
+    p = numpy_probs(q, k, causal, seg)
     q, k, v, cot = (np.asarray(x, np.float64) for x in (q, k, v, cot))
     b, s, h, d = q.shape
     group = h // k.shape[2]
     kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scores = np.einsum("bqhd,bkhd->bhqk", q, kr) / np.sqrt(d)
-    mask = np.ones((b, 1, s, s), bool)
-    if causal:
-        mask &= np.tril(np.ones((s, s), bool))
-    if seg is not None:
-        mask &= seg[:, None, :, None] == seg[:, None, None, :]
-    scores = np.where(mask, scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
     dv = np.einsum("bhqk,bqhd->bkhd", p, cot)
     dp = np.einsum("bqhd,bkhd->bhqk", cot, vr)
     ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True)) / np.sqrt(d)

@@ -273,6 +273,20 @@ def _unpack(refs, tpu: bool, has_seg: bool):
     return sched, q_idx, k_idx, None, None, refs
 
 
+def _queries_outer(target, q_idx, k_idx, q_seg, k_seg, tiling: Tiling, g: int, d: int, kv_len: int):
+    """Operands and BlockSpecs of the kernels with grid (b, h, query tiles, key blocks): the forward and dq.
+
+    Returns (operands, per-query-tile spec for a trailing width, per-key-block spec, key blocks, loop steps)."""
+    cq, ck = tiling.q_chunk, tiling.kv_chunk
+    n_grid, n_loop = _split_inner(target, kv_len // ck)
+    kv_block = kv_len // n_grid
+    maps = (lambda b, h, i, j: i, lambda b, h, i, j: j)
+    ops = _schedule_and_indices(target, q_idx, k_idx, q_seg, k_seg, cq, ck, cq, kv_block, True, maps)
+    per_q = lambda w: pl.BlockSpec((None, None, cq, w), lambda bi, hi, i, j: (bi, hi, i, 0))
+    per_kv = pl.BlockSpec((None, None, kv_block, d), lambda bi, hi, i, j: (bi, lax.div(hi, g), j, 0))
+    return ops, per_q, per_kv, n_grid, n_loop
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 
@@ -325,24 +339,10 @@ def block_forward(q, k, v, q_idx, k_idx, q_seg, k_seg, stats: Stats, tiling: Til
     b, hk, g, c, d = q.shape
     h, kv_len = hk * g, k.shape[2]
     cq, ck = tiling.q_chunk, tiling.kv_chunk
-    n_grid, n_loop = _split_inner(target, kv_len // ck)
-    kv_block = kv_len // n_grid
     nq = c // cq
-    ops = _schedule_and_indices(
-        target,
-        q_idx,
-        k_idx,
-        q_seg,
-        k_seg,
-        cq,
-        ck,
-        cq,
-        kv_block,
-        True,
-        (lambda b, h, i, j: i, lambda b, h, i, j: j),
+    ops, per_q, per_kv, n_grid, n_loop = _queries_outer(
+        target, q_idx, k_idx, q_seg, k_seg, tiling, g, d, kv_len
     )
-    per_q = lambda w: pl.BlockSpec((None, None, cq, w), lambda bi, hi, i, j: (bi, hi, i, 0))
-    per_kv = pl.BlockSpec((None, None, kv_block, d), lambda bi, hi, i, j: (bi, lax.div(hi, g), j, 0))
     state = [_per_head(x, b, h, c) for x in stats]
     args = [*ops.args, q.reshape(b, h, c, d), k, v, *state]
     out_shape = [(x.shape, F32) for x in state]
@@ -445,23 +445,9 @@ def block_backward(q, k, v, do, lse, delta, q_idx, k_idx, q_seg, k_seg, dq, tili
     lse4, delta4 = (_per_head(x, b, h, c) for x in (lse, delta))
 
     # dq: grid (b, h, query tiles, key blocks)
-    n_grid, n_loop = _split_inner(target, kv_len // ck)
-    kv_block = kv_len // n_grid
-    ops = _schedule_and_indices(
-        target,
-        q_idx,
-        k_idx,
-        q_seg,
-        k_seg,
-        cq,
-        ck,
-        cq,
-        kv_block,
-        True,
-        (lambda b, h, i, j: i, lambda b, h, i, j: j),
+    ops, per_q, per_kv, n_grid, n_loop = _queries_outer(
+        target, q_idx, k_idx, q_seg, k_seg, tiling, g, d, kv_len
     )
-    per_q = lambda w: pl.BlockSpec((None, None, cq, w), lambda bi, hi, i, j: (bi, hi, i, 0))
-    per_kv = pl.BlockSpec((None, None, kv_block, d), lambda bi, hi, i, j: (bi, lax.div(hi, g), j, 0))
     args = [*ops.args, qh, k, v, doh, lse4, delta4, dq.reshape(b, h, c, d)]
     (dq_new,) = _call(
         partial(_dq_kernel, causal=tiling.causal, tpu=tpu, has_seg=has_seg, n_loop=n_loop, ck=ck),
