@@ -11,6 +11,14 @@ _cache = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+
+# torch is in the test environment only to check `lvm export-hf` in a subprocess. tensorboardX imports it when
+# it can, and torch loaded beside jax's profiler crashed test workers (segfault in start_trace): keep it out.
+TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
+sys.modules.setdefault("torch", None)
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

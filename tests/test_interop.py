@@ -16,7 +16,7 @@ import ml_dtypes
 import msgpack
 import numpy as np
 import pytest
-from conftest import make_mesh
+from conftest import TORCH_AVAILABLE, make_mesh
 from gcs_server import gcs_server  # noqa: F401  (fixture)
 
 from lvm import cli
@@ -443,11 +443,11 @@ with torch.no_grad():
 
 
 @pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("torch", "transformers")),
+    not TORCH_AVAILABLE or importlib.util.find_spec("transformers") is None,
     reason="needs torch + transformers",
 )
 def test_export_hf_logits_match_transformers(tmp_path, monkeypatch):
-    # find_spec, not importorskip: importing torch here would put it in this worker beside jax's profiler
+    # torch runs in a subprocess only: conftest keeps it out of the test workers (see there)
     tree = lwm_llama(7, stacked=True, vision=True)
     write_tux(tmp_path / "params", tree, monkeypatch=monkeypatch)
     lwm.convert_lwm(str(tmp_path / "params"), tmp_path / "ckpt", head_dim=HD, rope_theta=THETA, seq_len=64,
