@@ -31,7 +31,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from lvm.attention import from_layout, ring_attention, to_layout
-from lvm.attention.ring import checks_vma, choose_kernel, default_chunk, mesh_platform
+from lvm.attention.ring import checks_vma, default_chunk, mesh_platform
 from lvm.config import MESH_AXES, Config, MeshConfig, ModelConfig
 from lvm.layers import apply_rope, rms_norm, rope_angles, swiglu
 from lvm.sharding import (
@@ -243,10 +243,7 @@ def _attention(x, p, axes, rope, segment_ids, plan: _Plan):
     q, k, v = _qkv(x, p, axes, rope, m, lambda w, ax: _use(w, ax, plan))
     q_spec = logical_spec(("batch", "seq", "act_heads", None))
     kv_spec = logical_spec(("batch", "seq", "act_kv_heads", None))
-    platform, sp = mesh_platform(mesh), mesh.shape["sp"]
-    kernel = choose_kernel(
-        a.kernel, platform, q.shape[1] // sp, sp, a.layout, q.shape[3], a.q_chunk, a.kv_chunk
-    )
+    platform = mesh_platform(mesh)
     attn = partial(
         ring_attention,
         axis_name="sp",
@@ -262,7 +259,7 @@ def _attention(x, p, axes, rope, segment_ids, plan: _Plan):
         mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, logical_spec(TOKENS)),
         out_specs=q_spec,
-        check_vma=checks_vma(kernel[0]),
+        check_vma=checks_vma(a.kernel, platform),
     )(q, k, v, segment_ids)
     return jnp.einsum("bshk,hkd->bsd", o, _use(p["wo"], axes["wo"], plan)), (k, v)
 

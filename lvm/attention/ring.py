@@ -215,7 +215,18 @@ def _ring_core_bwd(cfg, res, do):
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
 
 
-def _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk, kernel, platform) -> RingConfig:
+def _config(
+    q,
+    k,
+    *,
+    axis_name="sp",
+    causal=True,
+    layout="zigzag",
+    q_chunk=None,
+    kv_chunk=None,
+    kernel="auto",
+    platform=None,
+) -> RingConfig:
     check_heads(q.shape[2], k.shape[2])
     n = lax.axis_size(axis_name)
     target, fwd, bwd = choose_kernel(
@@ -246,36 +257,34 @@ def ring_attention(
     (this device's slice, same layout). `kernel` picks the per-step kernel (see `choose_kernel`) for `platform`
     (default: jax's default backend). Returns [batch, block, heads, head_dim] in q's dtype.
     """
-    cfg = _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk, kernel, platform)
+    cfg = _config(
+        q,
+        k,
+        axis_name=axis_name,
+        causal=causal,
+        layout=layout,
+        q_chunk=q_chunk,
+        kv_chunk=kv_chunk,
+        kernel=kernel,
+        platform=platform,
+    )
     qi, ki, vi = _to_internal(q, k, v)
     return _from_internal_q(_ring_core(qi, ki, vi, segment_ids, cfg))
 
 
-def ring_block_counts(
-    q,
-    k,
-    v,
-    segment_ids=None,
-    *,
-    axis_name="sp",
-    causal=True,
-    layout="zigzag",
-    q_chunk=None,
-    kv_chunk=None,
-    kernel="auto",
-    platform=None,
-):
-    """Inside `shard_map`: score tiles the forward kernel computes on this device at each ring step, int32 [N]."""
-    cfg = _config(q, k, axis_name, causal, layout, q_chunk, kv_chunk, kernel, platform)
+def ring_block_counts(q, k, v, segment_ids=None, **kw):
+    """Inside `shard_map`: score tiles the forward kernel computes on this device at each ring step, int32 [N].
+    Keywords as for `ring_attention`."""
+    cfg = _config(q, k, **kw)
     qi, ki, vi = _to_internal(q, k, v)
     return _ring_forward(_scale(qi), ki, vi, segment_ids, cfg, count=True)[2]
 
 
-def checks_vma(target: fused.Target | None) -> bool:
-    """Whether a shard_map around ring attention on `target` can check varying manual axes: Pallas's interpreter
-    (jax 0.10) re-traces kernels at lowering time with grid indices that do not vary, so interpret mode needs
-    `check_vma=False`; compiled kernels and the XLA kernel keep the check."""
-    return target is None or not target.interpret
+def checks_vma(kernel: str, platform: str) -> bool:
+    """Whether a shard_map around ring attention can check varying manual axes. Pallas's interpreter (jax 0.10)
+    re-traces kernels at lowering time with grid indices that do not vary, so the interpreted fused kernels
+    ("fused" on CPU; "auto" is "xla" there) need `check_vma=False`; compiled kernels and "xla" keep the check."""
+    return not (kernel == "fused" and fused.target_for(platform).interpret)
 
 
 def mesh_platform(mesh: Mesh) -> str:
@@ -330,9 +339,7 @@ def sharded_attention(
     n = mesh.shape[axis_name] if axis_name in mesh.axis_names else 1
     check_layout(layout, s, n)
     platform = mesh_platform(mesh)
-    target = choose_kernel(kernel, platform, s // n, n, layout, d, q_chunk, kv_chunk)[
-        0
-    ]  # fail before tracing
+    choose_kernel(kernel, platform, s // n, n, layout, d, q_chunk, kv_chunk)  # fail before tracing
     act, tok = _specs(mesh, axis_name, b, h, k.shape[2])
     kw = dict(
         axis_name=axis_name,
@@ -351,6 +358,10 @@ def sharded_attention(
 
     seg_spec = None if segment_ids is None else tok
     fn = jax.shard_map(
-        local, mesh=mesh, in_specs=(act, act, act, seg_spec), out_specs=act, check_vma=checks_vma(target)
+        local,
+        mesh=mesh,
+        in_specs=(act, act, act, seg_spec),
+        out_specs=act,
+        check_vma=checks_vma(kernel, platform),
     )
     return fn(q, k, v, segment_ids)
