@@ -237,37 +237,15 @@ def _config(
     )
 
 
-def ring_attention(
-    q,
-    k,
-    v,
-    segment_ids=None,
-    *,
-    axis_name="sp",
-    causal=True,
-    layout="zigzag",
-    q_chunk=None,
-    kv_chunk=None,
-    kernel="auto",
-    platform=None,
-):
+def ring_attention(q, k, v, segment_ids=None, **kw):
     """Attention of local blocks inside `shard_map` (tokens already in `layout` order).
 
     q: [batch, block, heads, head_dim]; k, v: [batch, block, kv_heads, head_dim]; segment_ids: [batch, block]
-    (this device's slice, same layout). `kernel` picks the per-step kernel (see `choose_kernel`) for `platform`
-    (default: jax's default backend). Returns [batch, block, heads, head_dim] in q's dtype.
+    (this device's slice, same layout). Keywords (see `_config`): axis_name ("sp"), causal (True), layout
+    ("zigzag"), q_chunk / kv_chunk (None: the kernel's defaults), kernel ("auto"; see `choose_kernel`) and
+    platform (default: jax's default backend). Returns [batch, block, heads, head_dim] in q's dtype.
     """
-    cfg = _config(
-        q,
-        k,
-        axis_name=axis_name,
-        causal=causal,
-        layout=layout,
-        q_chunk=q_chunk,
-        kv_chunk=kv_chunk,
-        kernel=kernel,
-        platform=platform,
-    )
+    cfg = _config(q, k, **kw)
     qi, ki, vi = _to_internal(q, k, v)
     return _from_internal_q(_ring_core(qi, ki, vi, segment_ids, cfg))
 
