@@ -1,5 +1,5 @@
 """`scripts/gpu_check.sh` / `lvm.bench.gpu`: the one-GPU check, run here in smoke mode on CPU, its GPU programs
-lowered for CUDA without a GPU, and its budget and search logic."""
+lowered for CUDA without a GPU, its budget and search logic, and its targets' verdicts on synthetic rows."""
 
 import json
 import os
@@ -16,7 +16,10 @@ import pytest
 
 import lvm.attention.ring as ring
 import lvm.model as model
-from lvm.bench import gpu
+from lvm.bench import common
+from lvm.bench.gpu import attention as gpu_attention
+from lvm.bench.gpu import budget, max_context, measure, report, step, targets
+from lvm.bench.gpu.settings import FULL, GRAD_TOLERANCE, IMPLS, SECTIONS
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -51,22 +54,22 @@ def test_smoke_measures_every_section(smoke):
     p, _, _ = smoke
     assert p["smoke"] and p["machine"]["jax_version"] == jax.__version__ and p["machine"]["device_kind"]
     assert positive(p["matmul"]["flops_per_s"]) and len(p["matmul"]["times_s"]) >= 2
-    for name in gpu.SECTIONS:
+    for name in SECTIONS:
         section = p["sections"][name]
         assert section["error"] is None and positive(section["used_s"]) and positive(section["budget_s"]), (
             name
         )
 
     rows = {(r["impl"], r["causal"]): r for r in p["attention"]}
-    assert set(rows) == {(i, c) for i in gpu.IMPLS for c in (True, False)}
+    assert set(rows) == {(i, c) for i in IMPLS for c in (True, False)}
     for (impl, causal), r in rows.items():
         assert r["seq_len"] == 512 and not r.get("error") and not r.get("skipped"), r
         for key in ("time_s", "flops", "flops_per_s", "of_matmul", "of_cudnn", "compile_s"):
             assert positive(r[key]), (impl, causal, key)
-        assert r["flops"] == gpu.attention_flops(512, 2, 64, 1, causal)
+        assert r["flops"] == common.attention_flops(512, 2, 64, 1, causal)
         assert r["time_s"] == statistics.median(r["times_s"])
         if impl != "cudnn":  # the reference: cuDNN's gradients (on CPU its stand-in, XLA's attention)
-            assert r["grad_error_vs"] == "cudnn" and r["grad_max_rel_err"] < gpu.GRAD_TOLERANCE
+            assert r["grad_error_vs"] == "cudnn" and r["grad_max_rel_err"] < GRAD_TOLERANCE
             assert r["tiles"]["forward"] and r["tiles"]["backward"]
     assert rows[("xla", True)]["tiles"]["forward"] == [128, 128]  # q_chunk = kv_chunk = the smoke's xla_chunk
     assert rows[("fused", True)]["kernel"] == "tpu (interpret)"  # on CPU the fused kernels are interpreted
@@ -95,6 +98,7 @@ def test_smoke_measures_every_section(smoke):
     assert t["fused_vs_cudnn"]["measured"] == pytest.approx(rows[("fused", True)]["of_cudnn"])
     assert t["mfu_1b"]["measured"] == pytest.approx(train["fused"]["mfu"])
     assert all(isinstance(x["met"], bool) for x in t.values())
+    assert all(x["reason"].startswith(("passes (needs", "fails (needs")) for x in t.values())
 
 
 def test_smoke_markdown_has_every_table(smoke):
@@ -112,31 +116,31 @@ def test_gpu_programs_lower_for_cuda(monkeypatch):
     monkeypatch.setattr(ring, "mesh_platform", lambda mesh: "gpu")
     monkeypatch.setattr(model, "mesh_platform", lambda mesh: "gpu")
     mesh1 = jax.make_mesh((1,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-    run = types.SimpleNamespace(backend="gpu", settings=gpu.FULL, mesh1=mesh1)
-    s = gpu.FULL
+    run = types.SimpleNamespace(backend="gpu", settings=FULL, mesh1=mesh1)
+    s = FULL
     x = jax.ShapeDtypeStruct((1, s.target_seq, s.heads, s.head_dim), jnp.bfloat16)
     w = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     for impl in ("fused", "xla"):
         for causal in (True, False):
-            lowered = jax.jit(gpu.attention_fn(run, impl, causal)).trace(x, x, x, w)
+            lowered = jax.jit(gpu_attention.attention_fn(run, impl, causal)).trace(x, x, x, w)
             text = lowered.lower(lowering_platforms=("cuda",)).as_text()
             assert (text.count("xla.gpu.triton") >= 3) == (impl == "fused"), (impl, causal)
-    assert gpu.describe_impl(run, "fused", s.target_seq)["tiles"] == {
+    assert gpu_attention.describe_impl(run, "fused", s.target_seq)["tiles"] == {
         "forward": [128, 64],
         "backward": [64, 64],
     }
-    assert gpu.describe_impl(run, "xla", s.target_seq)["tiles"]["forward"] == [2048, 2048]
+    assert gpu_attention.describe_impl(run, "xla", s.target_seq)["tiles"]["forward"] == [2048, 2048]
 
     from lvm.optim import make_optimizer
     from lvm.planner import abstract_args
     from lvm.sharding import make_mesh
 
-    cfg = gpu.model_config(run, s.train_seq, "fused")
+    cfg = step.model_config(run, s.train_seq, "fused")
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.attention.kernel) == (2048, 16, "fused")
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     optimizer = make_optimizer(cfg.train)
-    step = model.make_train_step(cfg, mesh, optimizer).trace(*abstract_args(cfg, mesh, optimizer))
-    assert step.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") >= 3
+    traced = model.make_train_step(cfg, mesh, optimizer).trace(*abstract_args(cfg, mesh, optimizer))
+    assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") >= 3
 
 
 def test_next_probe_brackets_the_longest_fitting_length():
@@ -145,39 +149,128 @@ def test_next_probe_brackets_the_longest_fitting_length():
     peak = lambda n: 20e9 + 110e3 * n
     truth = max(n for n in range(step, 1 << 23, step) if peak(n) <= usable)
     peaks = {32768: peak(32768)}
-    while (n := gpu.next_probe(peaks, usable, step, 1 << 22)) is not None:
+    while (n := max_context.next_probe(peaks, usable, step, 1 << 22)) is not None:
         peaks[n] = peak(n)
     assert len(peaks) <= 4 and list(peaks)[1] == 65536  # doubled first
     fits = max(n for n, p in peaks.items() if p <= usable)
     assert fits == truth and truth + step in peaks  # bracketed to one step
     # a length that failed to compile counts as too big; the longest length probed caps the search
-    assert gpu.next_probe({32768: 30e9, 65536: float("inf")}, usable, step, 1 << 22) == 49152
-    assert gpu.next_probe({32768: 30e9, 65536: 40e9}, usable, step, 131072) == 131072
-    assert gpu.next_probe({32768: 30e9, 65536: 40e9, 131072: 60e9}, usable, step, 131072) is None
-    assert gpu.next_probe({32768: 80e9}, usable, step, 1 << 22) == 16384  # even the first is too big: halve
+    assert max_context.next_probe({32768: 30e9, 65536: float("inf")}, usable, step, 1 << 22) == 49152
+    assert max_context.next_probe({32768: 30e9, 65536: 40e9}, usable, step, 131072) == 131072
+    assert max_context.next_probe({32768: 30e9, 65536: 40e9, 131072: 60e9}, usable, step, 131072) is None
+    assert (
+        max_context.next_probe({32768: 80e9}, usable, step, 1 << 22) == 16384
+    )  # even the first is too big: halve
 
 
 def test_budget_carries_unused_time_and_skips_with_a_note(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(gpu.time, "perf_counter", lambda: clock[0])
-    budget = gpu.Budget({"a": 10, "b": 20, "c": 50}, deadline_s=60, started=100.0)
-    a = budget.open("a")
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
+    clock_budget = budget.Budget({"a": 10, "b": 20, "c": 50}, deadline_s=60, started=100.0)
+    a = clock_budget.open("a")
     clock[0] += 4
-    budget.close(a)  # 6 s unused
-    b = budget.open("b")
+    clock_budget.close(a)  # 6 s unused
+    b = clock_budget.open("b")
     assert b.budget_s == 26
     assert b.allows(25, "x") and not b.allows(27, "the case at 128K")
     assert b.notes == ["skipped the case at 128K: needs about 27 s, 26 s left of the b budget"]
     clock[0] += 30
-    budget.close(b)  # 4 s over
-    assert budget.open("c").budget_s == 26  # capped by the deadline (60 - 34), not 50 - 4
+    clock_budget.close(b)  # 4 s over
+    assert clock_budget.open("c").budget_s == 26  # capped by the deadline (60 - 34), not 50 - 4
 
 
 def test_attention_case_order_and_card_names():
-    cases = gpu.attention_cases(gpu.FULL)
+    cases = gpu_attention.attention_cases(FULL)
     assert len(cases) == 18 and cases[0] == {"seq_len": 8192, "causal": True, "impl": "cudnn"}
     assert [(c["impl"], c["seq_len"]) for c in cases[-2:]] == [("xla", 131072)] * 2  # slowest last
     target = [c for c in cases if c["seq_len"] == 32768 and c["causal"]]
     assert cases.index(target[0]) < 9  # the 32K causal target is measured early
-    assert gpu.card_slug("NVIDIA H100 80GB HBM3") == "h100" and gpu.card_slug("NVIDIA H200") == "h200"
-    assert gpu.card_slug("NVIDIA A100-SXM4-80GB") == "a100" and gpu.card_slug("cpu") == "cpu"
+    assert measure.card_slug("NVIDIA H100 80GB HBM3") == "h100" and measure.card_slug("NVIDIA H200") == "h200"
+    assert measure.card_slug("NVIDIA A100-SXM4-80GB") == "a100" and measure.card_slug("cpu") == "cpu"
+
+
+# ---- targets: verdicts on synthetic rows ------------------------------------------------------------------
+
+
+def attention_row(impl, flops_per_s, seq_len=32768, causal=True, **extra):
+    return {
+        "impl": impl,
+        "seq_len": seq_len,
+        "causal": causal,
+        "time_s": 1.0,
+        "flops_per_s": flops_per_s,
+        **extra,
+    }
+
+
+def train_row(kernel, mfu, **extra):
+    return {"kernel": kernel, "seq_len": 32768, "step_s": 2.0, "mfu": mfu, **extra}
+
+
+def test_fused_vs_cudnn_passes_and_fails_at_the_target_length_only():
+    cudnn = attention_row("cudnn", 500e12)
+    other_lengths = [
+        attention_row("fused", 100e12, seq_len=8192),
+        attention_row("fused", 100e12, causal=False),
+    ]
+    passing = targets.fused_vs_cudnn([*other_lengths, cudnn, attention_row("fused", 450e12)], FULL)
+    assert passing["met"] is True and passing["measured"] == pytest.approx(0.9)
+    assert passing["reason"] == "passes (needs >= 0.8x cuDNN): 0.90x cuDNN"
+
+    failing = targets.fused_vs_cudnn([cudnn, attention_row("fused", 250e12)], FULL)
+    assert failing["met"] is False and failing["measured"] == pytest.approx(0.5)
+    assert failing["reason"] == "fails (needs >= 0.8x cuDNN): 0.50x cuDNN"
+    assert "0.8 x cuDNN's at 32768 tokens, causal" in failing["rule"]
+
+
+def test_fused_vs_cudnn_says_why_it_was_not_measured():
+    rows = [
+        attention_row("cudnn", 500e12),
+        {"impl": "fused", "seq_len": 32768, "causal": True, "error": "XlaRuntimeError: RESOURCE_EXHAUSTED"},
+    ]
+    t = targets.fused_vs_cudnn(rows, FULL)
+    assert t["met"] is None and t["measured"] is None
+    assert (
+        t["reason"]
+        == "not measured at 32768 tokens, causal: fused error: XlaRuntimeError: RESOURCE_EXHAUSTED"
+    )
+
+    skipped = {
+        "impl": "fused",
+        "seq_len": 32768,
+        "causal": True,
+        "skipped": "skipped fused S=32768 causal: ...",
+    }
+    t = targets.fused_vs_cudnn([skipped], FULL)
+    assert t["met"] is None
+    assert t["reason"] == "not measured at 32768 tokens, causal: fused skipped (time budget); cudnn not run"
+
+
+def test_mfu_target_passes_fails_and_reads_only_the_fused_step():
+    passing = targets.mfu_1b([train_row("xla", 0.1), train_row("fused", 0.45)], FULL)
+    assert passing["met"] is True and passing["measured"] == 0.45
+    assert passing["reason"] == "passes (needs >= 40%): 45.0% MFU"
+    assert passing["rule"].startswith("model/1b training step at 32768 tokens")
+
+    failing = targets.mfu_1b([train_row("fused", 0.312), train_row("xla", 0.5)], FULL)
+    assert failing["met"] is False and failing["reason"] == "fails (needs >= 40%): 31.2% MFU"
+
+    not_run = targets.mfu_1b([train_row("xla", 0.5)], FULL)
+    assert not_run["met"] is None and not_run["reason"] == "fused training step not run"
+    errored = targets.mfu_1b([{"kernel": "fused", "seq_len": 32768, "error": "ValueError: bad"}], FULL)
+    assert errored["met"] is None and errored["reason"] == "fused training step error: ValueError: bad"
+    no_peak = targets.mfu_1b([train_row("fused", None)], FULL)
+    assert no_peak["met"] is None and no_peak["reason"].startswith("no peak FLOP/s")
+
+
+def test_targets_table_shows_each_verdict_and_its_reason():
+    t = targets.evaluate_targets(
+        [attention_row("cudnn", 500e12), attention_row("fused", 250e12)], [train_row("fused", 0.45)], FULL
+    )
+    lines = report.targets_table(t).splitlines()
+    assert len(lines) == 4
+    assert "fails (needs >= 0.8x cuDNN): 0.50x cuDNN" in lines[2] and lines[2].rstrip(" |").endswith("NO")
+    assert "passes (needs >= 40%): 45.0% MFU" in lines[3] and lines[3].rstrip(" |").endswith("yes")
+    errored = {"impl": "fused", "seq_len": 32768, "causal": True, "error": "a | b"}
+    assert "n/a" in report.targets_table(targets.evaluate_targets([errored], [], FULL))
+    assert "a / b" in report.targets_table(targets.evaluate_targets([errored], [], FULL))  # no stray column

@@ -1,4 +1,4 @@
-"""Benchmarks that print and save numbers: `lvm bench attention|tokenizer|data|generate`."""
+"""Benchmarks that print and save numbers: `lvm bench attention|tokenizer|data|convert|generate`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Shared helpers for `lvm bench ...`: simulated CPU devices, timing, compiled memory, machine info, JSON, tables.
+"""Shared helpers for `lvm bench ...` and the GPU check (`lvm.bench.gpu`): simulated CPU devices, timing, compiled
+memory, machine info, attention FLOPs, result rows and target verdicts, JSON, tables.
 
 Nothing here imports jax at module level: `configure_cpu_devices` must run before jax is first imported, so a
 benchmark module imports jax inside its `run`. The module needs only the standard library, numpy and jax (no
@@ -179,6 +180,50 @@ def matmul_throughput(n: int = 4096, dtype: str = "float32", reps: int = 3) -> d
         "flops_per_cpu_s": flops / timing["cpu_s"] if timing["cpu_s"] > 0 else None,
         "measured_at": utc_now(),
     }
+
+
+def attention_flops(seq_len: int, heads: int, head_dim: int, batch: int, causal: bool) -> float:
+    """Model FLOPs of attention forward+backward: forward 4 S^2 D H per batch row, backward 2x forward, so
+    3 x (4 S^2 D H); halved when causal (the masked half is not counted, whatever a kernel computes)."""
+    forward = 4.0 * seq_len**2 * head_dim * heads * batch
+    return 3.0 * forward * (0.5 if causal else 1.0)
+
+
+def find_row(rows: Sequence[dict[str, Any]], **match) -> dict[str, Any] | None:
+    """The first row with every `match` key equal and a measured time (`time_s`), else None."""
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()) and row.get("time_s"):
+            return row
+    return None
+
+
+def verdict(
+    items: Sequence[Any],
+    passes: Callable[[Any], bool],
+    describe: Callable[[Any], str],
+    *,
+    need: str,
+    missing: str,
+) -> dict[str, Any]:
+    """A target's verdict over its measured checks: {"met": ..., "reason": ...}.
+
+    met is None (not measured, reason `missing`) without items, else whether every item passes; the reason
+    names the failing items, or all of them when none fails, as `describe` writes them, after what is needed
+    (`need`): "fails (needs <= 0.6): sp=8: 0.71".
+    """
+    if not items:
+        return {"met": None, "reason": missing}
+    failing = [item for item in items if not passes(item)]
+    shown = failing or items
+    return {
+        "met": not failing,
+        "reason": f"{'fails' if failing else 'passes'} (needs {need}): " + "; ".join(map(describe, shown)),
+    }
+
+
+def fmt_met(met: bool | None) -> str:
+    """A verdict in a table: yes, NO, or n/a when it could not be measured."""
+    return "n/a" if met is None else ("yes" if met else "NO")
 
 
 def utc_now() -> str:
