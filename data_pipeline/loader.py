@@ -42,18 +42,10 @@ from typing import Any
 
 import numpy as np
 
+from lvm.batch import Batch, batch_shardings, zeros
 from lvm.data_pipeline import storage
 from lvm.data_pipeline.shards import Corpus, ShardData, frame_boundaries
 
-FIELDS = {
-    "tokens": np.int32,
-    "vision_mask": np.bool_,
-    "positions": np.int32,
-    "segment_ids": np.int32,
-    "targets": np.int32,
-    "target_vision_mask": np.bool_,
-    "loss_mask": np.float32,
-}
 _DRAW_BLOCK = 4096
 
 
@@ -256,37 +248,31 @@ class Planner:
 # Assembling rows from token data ------------------------------------------------------------------------------
 
 
-def pack_row(pieces, records, seq_len: int) -> dict[str, np.ndarray]:
+def pack_row(pieces, records, seq_len: int) -> Batch:
     """One row `[seq_len]` per field from pieces `(.., a, b)` and their `TokenRecord`s (see module docstring)."""
-    out = {k: np.zeros(seq_len, dt) for k, dt in FIELDS.items()}
+    out = zeros((seq_len,))
     pos = 0
     for seg, ((*_, a, b), rec) in enumerate(zip(pieces, records, strict=True), start=1):
         n = b - a - 1
         sl = slice(pos, pos + n)
-        out["tokens"][sl] = rec.tokens[a : b - 1]
-        out["vision_mask"][sl] = rec.vision_mask[a : b - 1]
-        out["targets"][sl] = rec.tokens[a + 1 : b]
-        out["target_vision_mask"][sl] = rec.vision_mask[a + 1 : b]
-        out["loss_mask"][sl] = rec.loss_mask[a + 1 : b]
-        out["positions"][sl] = np.arange(n)
-        out["segment_ids"][sl] = seg
+        out.tokens[sl] = rec.tokens[a : b - 1]
+        out.vision_mask[sl] = rec.vision_mask[a : b - 1]
+        out.targets[sl] = rec.tokens[a + 1 : b]
+        out.target_vision_mask[sl] = rec.vision_mask[a + 1 : b]
+        out.loss_mask[sl] = rec.loss_mask[a + 1 : b]
+        out.positions[sl] = np.arange(n)
+        out.segment_ids[sl] = seg
         pos += n
     return out
 
 
 class Loader:
-    """Iterator of global batches: dicts of the `FIELDS` as jax Arrays `[batch_size, seq_len]`.
+    """Iterator of global `Batch`es of jax Arrays `[batch_size, seq_len]`, sharded as `lvm.batch` says on `mesh`."""
 
-    `mesh` must have the axes named in `partition`; `partition` defaults to P(("dp", "fsdp"), "sp").
-    """
-
-    def __init__(self, cfg: LoaderConfig, mesh, partition=None):
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
+    def __init__(self, cfg: LoaderConfig, mesh):
         self.cfg = cfg
         self.corpora = [Corpus.open(s.uri) for s in cfg.sources]
-        self.sharding = NamedSharding(mesh, partition if partition is not None else P(("dp", "fsdp"), "sp"))
+        self.sharding = batch_shardings(mesh).tokens  # every field is sharded alike
         self.shape = (cfg.batch_size, cfg.seq_len)
         index_map = self.sharding.addressable_devices_indices_map(self.shape)
         rows: set[int] = set()
@@ -340,7 +326,7 @@ class Loader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def __next__(self) -> Batch:
         import jax
 
         if self._thread is None:
@@ -358,11 +344,11 @@ class Loader:
         def make(name):
             def cb(index):
                 r = range(*index[0].indices(self.cfg.batch_size))
-                return np.stack([local[i][name][index[1]] for i in r])
+                return np.stack([getattr(local[i], name)[index[1]] for i in r])
 
             return jax.make_array_from_callback(self.shape, self.sharding, cb)
 
-        return {name: make(name) for name in FIELDS}
+        return Batch(*(make(name) for name in Batch._fields))
 
     def _start(self) -> None:
         self._stop.clear()
@@ -405,7 +391,7 @@ class Loader:
         except BaseException as err:  # surfaced in __next__
             self._put(err)
 
-    def _assemble(self, pieces) -> dict[str, np.ndarray]:
+    def _assemble(self, pieces) -> Batch:
         records = []
         for src, shard, rec, _, _ in pieces:
             records.append(self._shard(src, shard).record(rec))

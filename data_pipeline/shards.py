@@ -163,11 +163,3 @@ class Corpus:
                 )
             )
         return cls(uri, header, shards)
-
-    @property
-    def num_records(self) -> int:
-        return sum(len(s.lengths) for s in self.shards)
-
-    @property
-    def num_tokens(self) -> int:
-        return int(sum(int(s.lengths.sum()) for s in self.shards))

@@ -1,4 +1,5 @@
-"""Training checkpoints with Orbax: asynchronous, sharded, keep-last-K, restorable onto any mesh.
+"""Checkpoint folders: training checkpoints (Orbax: asynchronous, sharded, keep-last-K, restorable onto any
+mesh), `lvm export` folders, and the `config.yaml` / `tokenizers.json` files both hold.
 
 A checkpoint step holds three items: `params` and `opt_state` (sharded arrays; every process writes its own
 shards) and `meta` (JSON: step, RNG key data, the data loader's state, the resolved config, last metrics).
@@ -6,19 +7,33 @@ Orbax writes a step into a temporary folder and renames it when complete, so a s
 written (kill -9, preemption) is never listed by `latest_step` and is cleaned up on the next start.
 
 Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding), so arrays are read straight onto
-the target mesh, whatever mesh wrote them. `export_params` writes params alone for inference.
+the target mesh, whatever mesh wrote them.
+
+A model folder is either a training workdir (`config.yaml`, `checkpoints/`) or an export folder (`config.yaml`,
+`params/`, written by `export`); both may hold `tokenizers.json` (the absolute paths of the SentencePiece model
+and VQGAN workdir the model's data was made with). `load_params` reads either, after checking the shapes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+import yaml
+
+from lvm.config import Config, ConfigError, MeshConfig, config_from_dict, config_to_dict
+from lvm.model import param_shapes, param_shardings
 
 ITEMS = ("params", "opt_state", "meta")
+CONFIG_FILE = "config.yaml"
+TOKENIZERS_FILE = "tokenizers.json"
+# the model config keys that fix parameter shapes (theta, dtypes and the mesh may change between runs)
+SHAPE_KEYS = ("text_vocab_size", "vision_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads")
+SHAPE_KEYS += ("head_dim", "mlp_dim")
 
 
 def _path(directory: str | os.PathLike) -> str | Path:
@@ -83,10 +98,14 @@ def abstract_tree(shapes, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
+def _params_path(out_dir: str | os.PathLike) -> str | Path:
+    path = _path(out_dir)
+    return f"{path}/params" if isinstance(path, str) else path / "params"
+
+
 def export_params(params, out_dir: str | os.PathLike) -> str:
     """Write params alone (an Orbax PyTree checkpoint at `out_dir/params`); returns that path."""
-    path = _path(out_dir)
-    target = f"{path}/params" if isinstance(path, str) else path / "params"
+    target = _params_path(out_dir)
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(target, params, force=True)
     ckptr.wait_until_finished()
@@ -96,10 +115,101 @@ def export_params(params, out_dir: str | os.PathLike) -> str:
 
 def load_exported_params(out_dir: str | os.PathLike, abstract_params):
     """Params written by `export_params`, placed on the targets' shardings."""
-    path = _path(out_dir)
-    target = f"{path}/params" if isinstance(path, str) else path / "params"
     ckptr = ocp.StandardCheckpointer()
     try:
-        return ckptr.restore(target, abstract_params)
+        return ckptr.restore(_params_path(out_dir), abstract_params)
     finally:
         ckptr.close()
+
+
+# Model folders ----------------------------------------------------------------------------------------------
+
+
+def write_config(folder: str | os.PathLike, cfg: Config) -> None:
+    Path(folder, CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def read_config(folder: str | os.PathLike) -> Config:
+    """The resolved config a training workdir or export folder was written with."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no model at {folder} (no {CONFIG_FILE}): give a training workdir (`lvm train --workdir`) or an "
+            "`lvm export` folder"
+        )
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def write_tokenizers(folder: str | os.PathLike, tokenizers: dict[str, str | None]) -> None:
+    Path(folder, TOKENIZERS_FILE).write_text(json.dumps(tokenizers, indent=1))
+
+
+def read_tokenizers(folder: str | os.PathLike) -> dict:
+    """`{"text_tokenizer": path, "vqgan": path}` of a model folder ({} when it names none)."""
+    path = Path(folder) / TOKENIZERS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def check_same_shapes(saved: Config, cfg: Config, where: str) -> None:
+    """A checkpoint's model must have this config's parameter shapes (theta, dtypes, mesh may change)."""
+    diff = [
+        f"model.{k}: {getattr(saved.model, k)} -> {getattr(cfg.model, k)}"
+        for k in SHAPE_KEYS
+        if getattr(saved.model, k) != getattr(cfg.model, k)
+    ]
+    if diff:
+        raise ConfigError(
+            f"{where} holds a model of other shapes ({'; '.join(diff)}); use a new workdir or the old model config"
+        )
+
+
+def export(folder: str | os.PathLike, params, cfg: Config, tokenizers: dict[str, str | None]) -> str:
+    """Write an export folder (params/, config.yaml, tokenizers.json); returns the params path."""
+    path = export_params(params, folder)
+    if jax.process_index() == 0:
+        write_config(folder, cfg)
+        write_tokenizers(folder, tokenizers)
+    return path
+
+
+def load_params(source: str | os.PathLike, cfg: Config, mesh, abstract_params=None):
+    """Params for `cfg` on `mesh` from a training workdir (newest checkpoint) or an export folder."""
+    source = Path(source)
+    if abstract_params is None:
+        abstract_params = abstract_tree(param_shapes(cfg.model), param_shardings(cfg, mesh))
+    if (source / "params").is_dir() and (source / CONFIG_FILE).is_file():  # exported
+        check_same_shapes(read_config(source), cfg, str(source))
+        return load_exported_params(source, abstract_params)
+    if not (source / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"{source} is neither a training workdir (no checkpoints/) nor an `lvm export` folder "
+            f"(params/ + {CONFIG_FILE})"
+        )
+    ckpt = Checkpointer(source / "checkpoints")
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(
+                f"no complete checkpoint under {source / 'checkpoints'}; give a training workdir that has "
+                "one or an `lvm export` folder"
+            )
+        check_same_shapes(config_from_dict(ckpt.restore_meta(step)["config"]), cfg, str(source))
+        return ckpt.restore(step, abstract_params)[0]
+    finally:
+        ckpt.close()
+
+
+def restore_model(
+    folder: str | os.PathLike, mesh: MeshConfig, devices=None
+) -> tuple[Config, jax.sharding.Mesh, Any]:
+    """(config, mesh, params) of a model folder, on `mesh` over `devices` (default: all of them)."""
+    import dataclasses
+
+    from lvm.sharding import make_mesh
+
+    devices = list(jax.devices() if devices is None else devices)
+    cfg = read_config(folder)
+    cfg = dataclasses.replace(cfg, mesh=mesh.resolve(len(devices)))
+    cfg.check_devices(len(devices))
+    device_mesh = make_mesh(cfg.mesh, devices)
+    return cfg, device_mesh, load_params(folder, cfg, device_mesh)

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lvm import schema
-from lvm.attention.layout import LAYOUTS, check_layout
-from lvm.attention.ring import KERNELS, resolve_chunks
+from lvm.attention.chunking import KERNELS, LAYOUTS, check_layout, resolve_chunks
 from lvm.schema import ConfigError
 from lvm.schema import choice as _choice
 from lvm.schema import positive as _positive
@@ -370,11 +369,6 @@ class Config:
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build and validate a Config from nested sections (missing keys take defaults)."""
     return schema.from_dict(Config, data)
-
-
-def resolve_config_path(name: str | Path) -> Path:
-    """A YAML path: an existing file, or a name like "model/tiny" under `configs/`."""
-    return schema.resolve_path(name, CONFIG_DIR)
 
 
 def load_config(files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from lvm import schema
-from lvm.config import CONFIG_DIR, Config, ConfigError
+from lvm.config import CONFIG_DIR, Config, ConfigError, load_config
 
 KEYS = ("include", "defaults", "stages")
 
@@ -95,6 +95,40 @@ def load_curriculum(name: str | Path, overrides: Sequence[str] = ()) -> Curricul
             raise ConfigError(f"{path}, stage {raw['name']!r}: {err}") from None
         stages.append(Stage(raw["name"], cfg))
     return Curriculum(path.stem, path, tuple(stages))
+
+
+def resolve_config(
+    configs: Sequence[str | Path], stage: str | None, overrides: Sequence[str] = ()
+) -> tuple[Config, str | None]:
+    """(Config, stage name) of the command-line flags `--config ... [--stage S] [--set ...]`.
+
+    One `--config` that names a curriculum gives its stage `stage` (which may be left out when the curriculum
+    has one stage); otherwise the configs are YAML files merged in order (later ones win) and `stage` must be
+    None.
+    """
+    curriculum_path = None
+    if len(configs) == 1:
+        try:
+            path = resolve_curriculum_path(configs[0])
+            if "stages" in (yaml.safe_load(path.read_text()) or {}):
+                curriculum_path = path
+        except FileNotFoundError:
+            pass
+    if curriculum_path is None:
+        if stage is not None:
+            raise ConfigError(
+                f"--stage {stage!r} needs exactly one --config naming a curriculum (configs/curriculum/), "
+                f"got {[str(c) for c in configs]}"
+            )
+        return load_config(configs, overrides), None
+    curriculum = load_curriculum(curriculum_path, overrides)
+    if stage is None:
+        if len(curriculum.stages) != 1:
+            raise ConfigError(
+                f"curriculum {curriculum.name!r} has stages {curriculum.stage_names}; pick one with --stage"
+            )
+        stage = curriculum.stages[0].name
+    return curriculum.stage(stage).cfg, stage
 
 
 def _stage_of(override: str) -> str | None:

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from lvm.batch import Batch, batch_shardings
 from lvm.config import Config
-from lvm.model import Batch, KVCache, batch_shardings, cache_sharding, extend, prefill
+from lvm.model import KVCache, cache_sharding, extend, prefill
 from lvm.sharding import replicated
 
 PAD_UNIT = 64  # prompt buckets are multiples of 2 * sp * PAD_UNIT tokens

@@ -31,7 +31,9 @@ from jax import lax
 from jax.sharding import Mesh
 
 from lvm.attention import from_layout, ring_attention, to_layout
-from lvm.attention.ring import checks_vma, default_chunk, mesh_platform
+from lvm.attention.chunking import default_chunk
+from lvm.attention.ring import checks_vma, mesh_platform
+from lvm.batch import Batch, batch_shardings
 from lvm.config import MESH_AXES, Config, MeshConfig, ModelConfig
 from lvm.layers import apply_rope, rms_norm, rope_angles, swiglu
 from lvm.sharding import (
@@ -53,23 +55,6 @@ _REMAT = {  # model.remat -> jax.checkpoint policy ("none": no rematerialisation
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-class Batch(NamedTuple):
-    """A packed global batch; every field is [batch, seq] in natural token order.
-
-    tokens: int ids (text or vision vocabulary, per `vision_mask`); positions: RoPE positions (restart per
-    document); segment_ids: document ids (attention stays within a segment; compared for equality only);
-    targets: next-token ids (vision vocabulary where `target_vision_mask`); loss_mask: 0/1 (or float) weights.
-    """
-
-    tokens: jax.Array
-    vision_mask: jax.Array
-    positions: jax.Array
-    segment_ids: jax.Array
-    targets: jax.Array
-    target_vision_mask: jax.Array
-    loss_mask: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,11 +135,6 @@ def init_params(cfg: Config, mesh: Mesh, key: jax.Array) -> dict:
     return jax.jit(init, out_shardings=param_shardings(cfg, mesh))(key)
 
 
-def batch_shardings(mesh: Mesh) -> Batch:
-    """Shardings of a Batch's fields: batch over (dp, fsdp), sequence over sp."""
-    return Batch(*[logical_sharding(mesh, TOKENS)] * len(Batch._fields))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Forward pass
 
@@ -191,11 +171,11 @@ def _tokens_to_layout(batch: Batch, plan: _Plan) -> Batch:
     return jax.shard_map(fn, mesh=plan.mesh, in_specs=(spec,), out_specs=spec)(batch)
 
 
-def _logits_from_layout(logits: jax.Array, plan: _Plan) -> jax.Array:
-    """Undo the ring layout of [batch, seq, vocab] logits."""
-    spec = logical_spec(("batch", "seq", "act_vocab"))
-    fn = partial(from_layout, axis_name="sp", layout=plan.cfg.attention.layout)
-    return jax.shard_map(fn, mesh=plan.mesh, in_specs=(spec,), out_specs=spec)(logits)
+def _from_layout(x: jax.Array, axes, plan: _Plan) -> jax.Array:
+    """`x` (logical axes `axes`, one of them "seq") from the ring layout back to natural token order."""
+    spec = logical_spec(axes)
+    fn = partial(from_layout, axis_name="sp", layout=plan.cfg.attention.layout, seq_axis=axes.index("seq"))
+    return jax.shard_map(fn, mesh=plan.mesh, in_specs=(spec,), out_specs=spec)(x)
 
 
 def _use(w: jax.Array, axes, plan: _Plan) -> jax.Array:
@@ -208,7 +188,7 @@ def _embed(params: dict, tokens: jax.Array, vision_mask: jax.Array, plan: _Plan)
     axes = ("vocab", "embed")
     text = jnp.take(_use(params["wte"], axes, plan), jnp.where(vision_mask, 0, tokens), axis=0)
     vision = jnp.take(_use(params["vte"], axes, plan), jnp.where(vision_mask, tokens, 0), axis=0)
-    return with_logical_constraint(jnp.where(vision_mask[..., None], vision, text), RESIDUAL, plan.mesh)
+    return jnp.where(vision_mask[..., None], vision, text)
 
 
 def _seq_chunks(x: jax.Array, chunk: int, plan: _Plan) -> jax.Array:
@@ -227,20 +207,33 @@ def _seq_unchunk(y: jax.Array, plan: _Plan) -> jax.Array:
     return with_logical_constraint(x, RESIDUAL, plan.mesh)
 
 
-def _qkv(x, p, axes, rope, m: ModelConfig, use) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Pre-norm q [b, S, h, hd] and RoPE-rotated k, v [b, S, hk, hd] of x [b, S, d]; `use` readies a weight."""
+def _qkv(x, p, axes, rope, plan: _Plan) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pre-norm RoPE-rotated q [b, S, h, hd], k [b, S, hk, hd] and v [b, S, hk, hd] of x [b, S, d]."""
+    m = plan.cfg.model
     h = rms_norm(x, p["attn_norm"], m.norm_eps)
-    q = jnp.einsum("bsd,dhk->bshk", h, use(p["wq"], axes["wq"]))
-    k = jnp.einsum("bsd,dhk->bshk", h, use(p["wk"], axes["wk"]))
-    v = jnp.einsum("bsd,dhk->bshk", h, use(p["wv"], axes["wv"]))
+    q, k, v = (jnp.einsum("bsd,dhk->bshk", h, _use(p[n], axes[n], plan)) for n in ("wq", "wk", "wv"))
     return apply_rope(q, *rope, m.rope_layout), apply_rope(k, *rope, m.rope_layout), v
 
 
+def _layer(x, attend, wo, feed_forward, constrain=lambda x: x):
+    """One transformer layer, the body shared by the forward pass and `extend`: x + attention(x) projected by
+    `wo`, then + feed_forward(x). `attend(x)` returns (heads' outputs [b, S, h, hd], the layer's (k, v))."""
+    o, kv = attend(x)
+    x = constrain(x + jnp.einsum("bshk,hkd->bsd", o.astype(x.dtype), wo))
+    return constrain(x + feed_forward(x)), kv
+
+
+def _swiglu_block(x, p, axes, plan: _Plan) -> jax.Array:
+    """Pre-norm SwiGLU of x [..., d]."""
+    w = [_use(p[n], axes[n], plan) for n in ("w_gate", "w_up", "w_down")]
+    return swiglu(rms_norm(x, p["mlp_norm"], plan.cfg.model.norm_eps), *w)
+
+
 def _attention(x, p, axes, rope, segment_ids, plan: _Plan):
-    """Pre-norm attention block's output (to be added to the residual) for x [b, S, d] in ring layout, and
-    the block's keys and values [b, S, hk, hd] (for a KV cache)."""
-    m, a, mesh = plan.cfg.model, plan.cfg.attention, plan.mesh
-    q, k, v = _qkv(x, p, axes, rope, m, lambda w, ax: _use(w, ax, plan))
+    """Ring attention's heads' outputs [b, S, h, hd] for x [b, S, d] in ring layout, and the layer's keys and
+    values [b, S, hk, hd] (for a KV cache)."""
+    a, mesh = plan.cfg.attention, plan.mesh
+    q, k, v = _qkv(x, p, axes, rope, plan)
     q_spec = logical_spec(("batch", "seq", "act_heads", None))
     kv_spec = logical_spec(("batch", "seq", "act_kv_heads", None))
     platform = mesh_platform(mesh)
@@ -261,17 +254,15 @@ def _attention(x, p, axes, rope, segment_ids, plan: _Plan):
         out_specs=q_spec,
         check_vma=checks_vma(a.kernel, platform),
     )(q, k, v, segment_ids)
-    return jnp.einsum("bshk,hkd->bsd", o, _use(p["wo"], axes["wo"], plan)), (k, v)
+    return o, (k, v)
 
 
 def _feed_forward(x, p, axes, plan: _Plan) -> jax.Array:
-    """Pre-norm SwiGLU block's output, computed chunk by chunk along each device's block."""
-    m = plan.cfg.model
-    w = [_use(p[n], axes[n], plan) for n in ("w_gate", "w_up", "w_down")]
+    """The SwiGLU block's output, computed chunk by chunk along each device's block."""
 
     @partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
     def chunk(xc):  # [b, sp, chunk, d]: only this chunk's [.., mlp] intermediate is ever live
-        return swiglu(rms_norm(xc, p["mlp_norm"], m.norm_eps), *w)
+        return _swiglu_block(xc, p, axes, plan)
 
     _, out = lax.scan(lambda c, xc: (c, chunk(xc)), None, _seq_chunks(x, plan.ffn_chunk, plan))
     return _seq_unchunk(out, plan)
@@ -291,14 +282,18 @@ def _trunk(params: dict, batch: Batch, plan: _Plan, collect_kv: bool = False):
     segment_ids = batch.segment_ids.astype(jnp.int32)
 
     def layer(x, p):
-        out, kv = _attention(x, p, axes, rope, segment_ids, plan)
-        x = with_logical_constraint(x + out, RESIDUAL, mesh)
-        x = with_logical_constraint(x + _feed_forward(x, p, axes, plan), RESIDUAL, mesh)
+        x, kv = _layer(
+            x,
+            lambda x: _attention(x, p, axes, rope, segment_ids, plan),
+            _use(p["wo"], axes["wo"], plan),
+            lambda x: _feed_forward(x, p, axes, plan),
+            lambda x: with_logical_constraint(x, RESIDUAL, mesh),
+        )
         return x, (kv if collect_kv else None)
 
     if m.remat != "none" and not collect_kv:
         layer = jax.checkpoint(layer, policy=_REMAT[m.remat], prevent_cse=not m.scan_layers)
-    x = _embed(params, batch.tokens, batch.vision_mask, plan)
+    x = with_logical_constraint(_embed(params, batch.tokens, batch.vision_mask, plan), RESIDUAL, mesh)
     if m.scan_layers:
         x, kv = lax.scan(layer, x, params["layers"])
     else:
@@ -323,7 +318,9 @@ def forward(params: dict, batch: Batch, cfg: Config, mesh: Mesh) -> tuple[jax.Ar
     plan = _plan(cfg, mesh, batch)
     h = _trunk(params, _tokens_to_layout(batch, plan), plan)
     h = rms_norm(h, params["final_norm"], cfg.model.norm_eps)
-    return tuple(_logits_from_layout(_logits(h, w), plan) for w in _head_weights(params, plan))
+    return tuple(
+        _from_layout(_logits(h, w), ("batch", "seq", "act_vocab"), plan) for w in _head_weights(params, plan)
+    )
 
 
 def _cross_entropy(logits: jax.Array, ids: jax.Array) -> jax.Array:
@@ -497,12 +494,8 @@ def prefill(
     token and a KVCache of `max_len` slots holding the prompts."""
     plan = _plan(cfg, mesh, batch)
     h, (k, v) = _trunk(params, _tokens_to_layout(batch, plan), plan, collect_kv=True)
-    spec = logical_spec(("batch", "seq", "act_embed"))
-    undo = partial(from_layout, axis_name="sp", layout=cfg.attention.layout)
-    h = jax.shard_map(undo, mesh=mesh, in_specs=(spec,), out_specs=spec)(h)
-    kv_spec = logical_spec(CACHE_AXES)
-    undo_kv = partial(from_layout, axis_name="sp", layout=cfg.attention.layout, seq_axis=2)
-    k, v = (jax.shard_map(undo_kv, mesh=mesh, in_specs=(kv_spec,), out_specs=kv_spec)(x) for x in (k, v))
+    h = _from_layout(h, RESIDUAL, plan)
+    k, v = (_from_layout(x, CACHE_AXES, plan) for x in (k, v))
     pad = [(0, 0), (0, 0), (0, max_len - k.shape[2]), (0, 0), (0, 0)]
     k, v = (with_logical_constraint(jnp.pad(x, pad), CACHE_AXES, mesh) for x in (k, v))
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [b, d]
@@ -519,7 +512,6 @@ def extend(
     over sp; XLA reduces across devices), so T should be small: one token per step when decoding."""
     m = cfg.model
     plan = _Plan(cfg, mesh, 1, 1)
-    use = lambda w, ax: _use(w, ax, plan)
     b, T = tokens.shape
     S = cache.k.shape[2]
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)  # [b, T]
@@ -530,16 +522,9 @@ def extend(
     visible = jnp.arange(S)[None, None, :] <= positions[..., None]  # [b, T, S]
     axes = layer_axes(m)
     g = m.n_heads // m.n_kv_heads
-    emb_axes = ("vocab", "embed")
-    x = jnp.where(
-        vision_mask[..., None],
-        jnp.take(use(params["vte"], emb_axes), jnp.where(vision_mask, tokens, 0), axis=0),
-        jnp.take(use(params["wte"], emb_axes), jnp.where(vision_mask, 0, tokens), axis=0),
-    )
 
-    def layer(x, p_kv):
-        p, kc, vc = p_kv
-        q, k, v = _qkv(x, p, axes, rope, m, use)
+    def attend_cache(x, p, kc, vc):  # dense attention of the new tokens over the cache they are written into
+        q, k, v = _qkv(x, p, axes, rope, plan)
         kc = jnp.where(written, jnp.take_along_axis(k, take, axis=1), kc)
         vc = jnp.where(written, jnp.take_along_axis(v, take, axis=1), vc)
         kc, vc = (with_logical_constraint(c, CACHE_AXES[1:], mesh) for c in (kc, vc))
@@ -547,11 +532,14 @@ def extend(
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, kc.astype(F32))
         probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
         o = jnp.einsum("bkgts,bskd->btkgd", probs, vc.astype(F32)).reshape(b, T, m.n_heads, m.head_dim)
-        x = x + jnp.einsum("bthk,hkd->btd", o.astype(x.dtype), use(p["wo"], axes["wo"]))
-        w = [use(p[n], axes[n]) for n in ("w_gate", "w_up", "w_down")]
-        x = x + swiglu(rms_norm(x, p["mlp_norm"], m.norm_eps), *w)
-        return x, (kc, vc)
+        return o, (kc, vc)
 
+    def layer(x, p_kv):
+        p, kc, vc = p_kv
+        attend = lambda x: attend_cache(x, p, kc, vc)
+        return _layer(x, attend, _use(p["wo"], axes["wo"], plan), lambda x: _swiglu_block(x, p, axes, plan))
+
+    x = _embed(params, tokens, vision_mask, plan)
     x, (k_all, v_all) = lax.scan(layer, x, (params["layers"], cache.k, cache.v))
     h = rms_norm(x, params["final_norm"], m.norm_eps)
     text, vision = (_logits(h, w) for w in _head_weights(params, plan))

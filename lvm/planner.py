@@ -22,14 +22,13 @@ import time
 import jax
 import numpy as np
 
-from lvm.attention.layout import run_length
-from lvm.attention.ring import choose_kernel, default_chunk
+from lvm.attention.chunking import default_chunk, run_length
+from lvm.attention.ring import choose_kernel
+from lvm.batch import abstract_batch
 from lvm.config import Config, ConfigError
 from lvm.model import (
     DEFAULT_FFN_CHUNK,
     DEFAULT_LOSS_CHUNK,
-    Batch,
-    batch_shardings,
     make_train_step,
     opt_state_shardings,
     param_count,
@@ -50,15 +49,6 @@ MOSAIC_BODY = re.compile(r'\\?"body\\?"\s*:\s*\\?"(?P<b64>[A-Za-z0-9+/=]+)')
 KERNEL_NAME = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*_kernel(?![A-Za-z0-9_])")  # the kernel function's symbol
 HBM_OOM = re.compile(
     r"HLO temporaries \((?P<temp>[\d.]+[KMGT]?)\) exceeds available HBM \((?P<hbm>[\d.]+[KMGT]?)\)"
-)
-BATCH_DTYPES = Batch(
-    tokens="int32",
-    vision_mask="bool",
-    positions="int32",
-    segment_ids="int32",
-    targets="int32",
-    target_vision_mask="bool",
-    loss_mask="float32",
 )
 
 
@@ -151,14 +141,7 @@ def abstract_args(cfg: Config, mesh, optimizer):
     params = jax.tree.map(sds, param_shapes(cfg.model), param_shardings(cfg, mesh))
     opt_shapes = jax.eval_shape(optimizer.init, param_shapes(cfg.model))
     opt_state = jax.tree.map(sds, opt_shapes, opt_state_shardings(cfg, mesh, optimizer))
-    shape = (cfg.train.batch_size, cfg.train.seq_len)
-    batch = Batch(
-        *(
-            jax.ShapeDtypeStruct(shape, d, sharding=sh)
-            for d, sh in zip(BATCH_DTYPES, batch_shardings(mesh), strict=True)
-        )
-    )
-    return params, opt_state, batch
+    return params, opt_state, abstract_batch(cfg.train.batch_size, cfg.train.seq_len, mesh)
 
 
 def shard_bytes(tree) -> int:

@@ -27,16 +27,14 @@ from typing import Any
 
 import jax
 import numpy as np
-import yaml
 
 from lvm import checkpoint
-from lvm.config import Config, ConfigError, config_from_dict, config_to_dict
+from lvm.batch import batch_shardings
+from lvm.config import Config, config_from_dict, config_to_dict
 from lvm.data_pipeline import synthetic
 from lvm.data_pipeline.loader import Loader, LoaderConfig, Source
 from lvm.metrics import MetricsWriter, flops_per_token, peak_flops
 from lvm.model import (
-    Batch,
-    batch_shardings,
     bucket_sums,
     init_opt_state,
     init_params,
@@ -49,10 +47,6 @@ from lvm.model import (
 from lvm.optim import learning_rate, make_optimizer
 from lvm.provenance import run_record
 from lvm.sharding import make_mesh, replicated
-
-TOKENIZERS_FILE = "tokenizers.json"  # absolute paths of the SentencePiece model and VQGAN the data used
-SHAPE_KEYS = ("text_vocab_size", "vision_vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads")
-SHAPE_KEYS += ("head_dim", "mlp_dim")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -171,7 +165,9 @@ class Trainer:
         abstract_params, abstract_opt = self._abstract()
         if latest is not None:
             meta = self.checkpoints.restore_meta(latest)
-            check_same_shapes(config_from_dict(meta["config"]), self.cfg, f"{self.workdir}/checkpoints")
+            checkpoint.check_same_shapes(
+                config_from_dict(meta["config"]), self.cfg, f"{self.workdir}/checkpoints"
+            )
             self.params, self.opt_state, meta = self.checkpoints.restore(
                 latest, abstract_params, abstract_opt
             )
@@ -181,7 +177,7 @@ class Trainer:
             self.last_metrics = meta.get("metrics", {})
         else:
             if self.init_from:
-                self.params = load_params(self.init_from, self.cfg, self.mesh, abstract_params)
+                self.params = checkpoint.load_params(self.init_from, self.cfg, self.mesh, abstract_params)
             else:
                 self.rng, key = jax.random.split(self.rng)
                 self.params = init_params(self.cfg, self.mesh, key)
@@ -191,10 +187,10 @@ class Trainer:
     def _record_start(self) -> None:
         if not _is_main():
             return
-        (self.workdir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        checkpoint.write_config(self.workdir, self.cfg)
         tokenizers = {k: c.header.get(k) for c in self.loader.corpora for k in ("text_tokenizer", "vqgan")}
         if any(tokenizers.values()):  # what inference needs to read this model's tokens
-            (self.workdir / TOKENIZERS_FILE).write_text(json.dumps(tokenizers, indent=1))
+            checkpoint.write_tokenizers(self.workdir, tokenizers)
         path = self.workdir / "run.json"
         runs = json.loads(path.read_text()) if path.is_file() else {"starts": []}
         runs["starts"].append({**run_record(), "step": self.checkpoints.latest_step() or 0})
@@ -217,7 +213,7 @@ class Trainer:
         try:
             while self.step < t.steps and not self._preempted():
                 self._profile(self.step)
-                batch = Batch(**next(self.loader))
+                batch = next(self.loader)
                 t0 = time.perf_counter()
                 self.params, self.opt_state, metrics = self.train_step(self.params, self.opt_state, batch)
                 metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
@@ -300,7 +296,7 @@ class Trainer:
         sums = np.zeros((t.eval_buckets, 4))
         try:
             for _ in range(t.eval_batches):
-                sums += np.asarray(jax.device_get(self.eval_step(self.params, Batch(**next(loader)))))
+                sums += np.asarray(jax.device_get(self.eval_step(self.params, next(loader))))
         finally:
             loader.close()
         loss, parts = loss_from_sums(sums)
@@ -352,47 +348,6 @@ class Trainer:
         self.loader.close()
         self.checkpoints.close()
         self.writer.close()
-
-
-def check_same_shapes(saved: Config, cfg: Config, where: str) -> None:
-    """A checkpoint's model must have this config's parameter shapes (theta, dtypes, mesh may change)."""
-    diff = [
-        f"model.{k}: {getattr(saved.model, k)} -> {getattr(cfg.model, k)}"
-        for k in SHAPE_KEYS
-        if getattr(saved.model, k) != getattr(cfg.model, k)
-    ]
-    if diff:
-        raise ConfigError(
-            f"{where} holds a model of other shapes ({'; '.join(diff)}); use a new workdir or the old model config"
-        )
-
-
-def load_params(source: str | Path, cfg: Config, mesh, abstract_params=None):
-    """Params for `cfg` on `mesh` from a training workdir (newest checkpoint) or an `lvm export` folder."""
-    source = Path(source)
-    if abstract_params is None:
-        abstract_params = checkpoint.abstract_tree(param_shapes(cfg.model), param_shardings(cfg, mesh))
-    if (source / "params").is_dir() and (source / "config.yaml").is_file():  # exported
-        saved = config_from_dict(yaml.safe_load((source / "config.yaml").read_text()))
-        check_same_shapes(saved, cfg, str(source))
-        return checkpoint.load_exported_params(source, abstract_params)
-    if not (source / "checkpoints").is_dir():
-        raise FileNotFoundError(
-            f"{source} is neither a training workdir (no checkpoints/) nor an `lvm export` folder "
-            "(params/ + config.yaml)"
-        )
-    ckpt = checkpoint.Checkpointer(source / "checkpoints")
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(
-                f"no complete checkpoint under {source / 'checkpoints'}; give a training workdir that has "
-                "one or an `lvm export` folder"
-            )
-        check_same_shapes(config_from_dict(ckpt.restore_meta(step)["config"]), cfg, str(source))
-        return ckpt.restore(step, abstract_params)[0]
-    finally:
-        ckpt.close()
 
 
 def train(

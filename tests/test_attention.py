@@ -215,7 +215,7 @@ def test_bad_chunk_and_heads_fail_before_compiling():
 
 
 def test_default_chunk_is_zigzag_half():
-    from lvm.attention.ring import resolve_chunks
+    from lvm.attention.chunking import resolve_chunks
 
     assert resolve_chunks(1536 // 4, 4, "zigzag", None, None) == (192, 192)
     assert resolve_chunks(4096, 1, "zigzag", None, None) == (512, 512)

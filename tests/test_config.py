@@ -137,3 +137,29 @@ def test_logical_rules():
     with pytest.raises(KeyError, match="add it to lvm.sharding.RULES"):
         logical_spec(("nonsense",))
     assert make_mesh((1, 2, 1, 4)).shape == mesh_from_config(MeshConfig(1, 2, 1, 4)).shape
+
+
+def test_train_and_plan_read_config_and_stage_flags_alike(tmp_path):
+    import argparse
+
+    from lvm.commands import train as train_command
+    from lvm.curriculum import load_curriculum, resolve_config
+
+    stage_cfg = load_curriculum("tiny", ["train.steps=5"]).stage("2k").cfg
+    assert resolve_config(["tiny"], "2k", ["train.steps=5"]) == (stage_cfg, "2k")
+    args = argparse.Namespace(config=["tiny"], stage="2k", set=["train.steps=5"])
+    assert train_command.load(args) == stage_cfg  # `lvm train` resolves the flags with the same function
+
+    plain, stage = resolve_config(["model/tiny", "model/demo"], None, ["train.steps=5"])
+    assert stage is None and plain == load_config(["model/tiny", "model/demo"], ["train.steps=5"])
+
+    one_stage = tmp_path / "one.yaml"
+    one_stage.write_text("include: [model/tiny]\nstages:\n  - name: only\n    train: {seq_len: 512}\n")
+    cfg, stage = resolve_config([str(one_stage)], None)
+    assert stage == "only" and cfg.train.seq_len == 512
+    with pytest.raises(ConfigError, match="pick one with --stage"):
+        resolve_config(["tiny"], None)
+    with pytest.raises(ConfigError, match="needs exactly one --config naming a curriculum"):
+        resolve_config(["model/tiny"], "2k")
+    with pytest.raises(ConfigError, match="needs exactly one --config naming a curriculum"):
+        resolve_config(["tiny", "model/tiny"], "2k")

@@ -13,8 +13,10 @@ import pytest
 from conftest import make_mesh
 from gcs_server import FaultProxy, gcs_server  # noqa: F401  (fixture)
 
+from lvm import cpu_devices
+from lvm.batch import DTYPES, Batch
 from lvm.data_pipeline import emulator, storage
-from lvm.data_pipeline.loader import FIELDS, Loader, LoaderConfig, Planner, Source
+from lvm.data_pipeline.loader import Loader, LoaderConfig, Planner, Source
 from lvm.data_pipeline.shards import FORMAT, HEADER, write_shard
 from lvm.tokenizers import format as fmt
 
@@ -79,8 +81,8 @@ def loader(mesh, *uris, weights=None, **kw):
     return Loader(LoaderConfig(sources, **cfg), mesh)
 
 
-def host(batch):
-    return {k: np.asarray(v) for k, v in batch.items()}
+def host(batch: Batch) -> dict:
+    return {k: np.asarray(v) for k, v in batch._asdict().items()}
 
 
 def segments(batch):
@@ -192,7 +194,7 @@ def test_resume_is_exact(corpora):
     resumed.set_state(state)
     for ref in reference[4:]:
         got = host(next(resumed))
-        for k in FIELDS:
+        for k in Batch._fields:
             np.testing.assert_array_equal(got[k], ref[k])
 
 
@@ -203,12 +205,13 @@ def test_global_arrays_sharded_over_batch_and_sequence(corpora):
     single = host(next(loader(make_mesh((1, 1, 1, 1)), root / "a")))
     mesh = make_mesh((2, 2, 1, 2))
     batch = next(loader(mesh, root / "a"))
-    assert batch["tokens"].sharding.spec == P(("dp", "fsdp"), "sp")
-    shard = batch["tokens"].addressable_shards[0]
+    assert isinstance(batch, Batch)
+    assert batch.tokens.sharding.spec == P(("dp", "fsdp"), "sp")
+    shard = batch.tokens.addressable_shards[0]
     assert shard.data.shape == (1, SEQ // 2)
-    for k in FIELDS:
-        assert batch[k].dtype == FIELDS[k]
-        np.testing.assert_array_equal(np.asarray(batch[k]), single[k])
+    for k, dtype in DTYPES._asdict().items():
+        assert getattr(batch, k).dtype == dtype
+        np.testing.assert_array_equal(np.asarray(getattr(batch, k)), single[k])
 
 
 WORKER = r"""
@@ -228,7 +231,7 @@ for name, mesh in meshes.items():
     it = Loader(LoaderConfig((Source(sys.argv[3]),), seq_len=64, batch_size=4, seed=0, shuffle_window=3), mesh)
     for step in range(3):
         batch = next(it)
-        for k, v in batch.items():
+        for k, v in batch._asdict().items():
             for i, s in enumerate(v.addressable_shards):
                 idx = [[sl.start or 0, sl.stop] for sl in s.index]
                 out[f"{name}/{step}/{k}/{i}"] = np.asarray(s.data)
@@ -247,7 +250,7 @@ def test_two_processes_load_the_single_process_stream(corpora, tmp_path):
     reference = [host(next(single)) for _ in range(3)]
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = cpu_devices.cpu_env(4)
     addr = f"127.0.0.1:{emulator.free_port()}"
     tests_dir = os.path.dirname(__file__)
     procs = [
@@ -272,7 +275,7 @@ def test_two_processes_load_the_single_process_stream(corpora, tmp_path):
     outs = [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]
     for name in ("dp_across", "sp_across"):
         for step in range(3):
-            for k in FIELDS:
+            for k in Batch._fields:
                 covered = np.zeros((4, SEQ), int)
                 for out in outs:
                     i = 0
@@ -324,7 +327,7 @@ def test_gcs_epoch_survives_5xx_and_server_restart(corpora, gcs_server, tmp_path
     assert proxy.failed > 0
     assert len(got) == len(local)
     for g, ref in zip(got, local, strict=True):
-        for k in FIELDS:
+        for k in Batch._fields:
             np.testing.assert_array_equal(g[k], ref[k])
     assert epoch_targets(got, records) == Counter(
         {(i, p): 1 for i, r in enumerate(records) for p in range(1, len(r))}

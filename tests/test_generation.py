@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from conftest import make_mesh
 
+from lvm.batch import Batch, batch_shardings
 from lvm.config import load_config
-from lvm.model import Batch, batch_shardings, extend, forward, init_params, prefill
+from lvm.model import extend, forward, init_params, prefill
 
 PROMPT, PAD, MAX_LEN = 45, 64, 96
 

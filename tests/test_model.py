@@ -13,10 +13,9 @@ import pytest
 from conftest import make_mesh
 from jax.sharding import PartitionSpec as P
 
+from lvm.batch import Batch, abstract_batch, batch_shardings
 from lvm.config import ConfigError, load_config
 from lvm.model import (
-    Batch,
-    batch_shardings,
     forward,
     init_opt_state,
     init_params,
@@ -250,10 +249,7 @@ def _compiled_step_temp_bytes(cfg, mesh_shape, seq):
     )
     params = abstract(param_shapes(cfg.model), param_shardings(cfg, mesh))
     opt_state = abstract(jax.eval_shape(optimizer.init, params), opt_state_shardings(cfg, mesh, optimizer))
-    dtypes = Batch(jnp.int32, bool, jnp.int32, jnp.int32, jnp.int32, bool, jnp.float32)
-    batch = jax.tree.map(
-        lambda d, sh: jax.ShapeDtypeStruct((1, seq), d, sharding=sh), dtypes, batch_shardings(mesh)
-    )
+    batch = abstract_batch(1, seq, mesh)
     step = make_train_step(cfg, mesh, optimizer)
     return step.lower(params, opt_state, batch).compile().memory_analysis().temp_size_in_bytes
 

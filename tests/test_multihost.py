@@ -11,7 +11,6 @@ The two-process run is stopped after its first checkpoint and started again, on 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lvm import cpu_devices
 from lvm.data_pipeline.emulator import free_port
 from lvm.metrics import read_jsonl
 
@@ -33,10 +33,7 @@ CONFIG += [arg for kv in SETTINGS for arg in ("--set", kv)]
 
 
 def _env(devices: int) -> dict[str, str]:
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    return env  # JAX_COMPILATION_CACHE_DIR etc. come from conftest.py's settings
+    return cpu_devices.cpu_env(devices)  # JAX_COMPILATION_CACHE_DIR etc. come from conftest.py's settings
 
 
 def train(workdir: Path, steps: int, mesh: str, processes: int) -> list[dict]:

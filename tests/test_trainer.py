@@ -14,12 +14,12 @@ from conftest import make_mesh
 from test_model import make_batch
 
 from lvm import checkpoint
+from lvm.batch import batch_shardings
+from lvm.checkpoint import load_params
 from lvm.config import ConfigError, config_from_dict, load_config
 from lvm.curriculum import load_curriculum
 from lvm.metrics import flops_per_token
 from lvm.model import (
-    Batch,
-    batch_shardings,
     bucket_sums,
     forward,
     init_opt_state,
@@ -29,7 +29,7 @@ from lvm.model import (
     param_shapes,
 )
 from lvm.optim import decay_mask, learning_rate, make_optimizer
-from lvm.trainer import NonFiniteLossError, Trainer, load_params, train
+from lvm.trainer import NonFiniteLossError, Trainer, train
 
 SMALL = ["train.seq_len=256", "train.batch_size=8", "data.synthetic_doc_len=257", "data.synthetic_docs=64"]
 
@@ -143,7 +143,7 @@ def test_run_records_resumes_and_compiles_the_step_once(tmp_path):
         assert result.steps == 3 and result.checkpoint_step == 3 and not result.preempted
         assert trainer.start() == 3  # restore from the checkpoint just written
         trainer.params, trainer.opt_state, _ = trainer.train_step(
-            trainer.params, trainer.opt_state, Batch(**next(trainer.loader))
+            trainer.params, trainer.opt_state, next(trainer.loader)
         )
         assert trainer.train_step._cache_size() == 1
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.params))

@@ -2,7 +2,6 @@
 step and during a checkpoint write, SIGTERM, and the tiny curriculum end to end."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,19 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lvm import cpu_devices
 from lvm.config import config_from_dict
 from lvm.metrics import read_jsonl
 
 pytestmark = pytest.mark.xdist_group("training_runs")  # subprocess-heavy: one worker runs them in turn
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    JAX_PLATFORMS="cpu",
-    JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-)
+ENV = cpu_devices.cpu_env(8)  # JAX_COMPILATION_CACHE_DIR etc. come from conftest.py's settings
 TRAIN = ["--config", "tiny", "--stage", "1k", "--no-progress"]
 SETS = ["train.steps=12", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.seq_len=512"]
 SETS += ["data.synthetic_doc_len=513", "data.synthetic_docs=128"]

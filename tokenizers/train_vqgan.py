@@ -7,7 +7,7 @@ in the step), optional perceptual loss, optional hinge PatchGAN whose generator 
 Codes unused for `train.restart_every` steps are re-seeded from encoder outputs of the current batch (at step 0
 every code is, which initialises the codebook from data).
 
-Workdir layout: `config.yaml`, `checkpoints/` (orbax: `model` = params + codebook, `train` = the rest),
+Workdir layout: a VQGAN folder (see `lvm.tokenizers.vqgan`: `config.yaml`, `checkpoints/`),
 `tb/` (TensorBoard), `images/step_XXXXXXX.png` (originals left, reconstructions right).
 """
 
@@ -25,13 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lvm.tokenizers import metrics, video
 from lvm.tokenizers.config import VQGANConfig
 from lvm.tokenizers.quantizer import restart_dead_codes
-from lvm.tokenizers.vqgan import VQGAN, VQGANTokenizer, init_variables, to_pixels, to_uint8
+from lvm.tokenizers.vqgan import (
+    VQGAN,
+    VQGANTokenizer,
+    checkpoint_manager,
+    init_variables,
+    save_config,
+    to_pixels,
+    to_uint8,
+)
 
 
 class PatchDiscriminator(nn.Module):
@@ -197,48 +204,10 @@ class Trainer:
 # Checkpoints ------------------------------------------------------------------------------------------------
 
 
-def _manager(workdir: str | os.PathLike, create: bool = True) -> ocp.CheckpointManager:
-    path = Path(workdir).resolve() / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
-    return ocp.CheckpointManager(path, options=options, item_names=("model", "train"))
-
-
 def _items(state: dict, arg) -> ocp.args.Composite:
     """The checkpoint items of a state: `model` (params + codebook) and `train` (the rest), each wrapped in `arg`."""
     model = {"params": state["params"], "codebook": state["codebook"]}
     return ocp.args.Composite(model=arg(model), train=arg({k: v for k, v in state.items() if k not in model}))
-
-
-def save_config(cfg: VQGANConfig, workdir: str | os.PathLike) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    Path(workdir, "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
-
-
-def _plain(d):
-    if isinstance(d, dict):
-        return {k: _plain(v) for k, v in d.items()}
-    return list(d) if isinstance(d, tuple) else d
-
-
-def load_tokenizer(checkpoint: str | os.PathLike, devices=None, **kwargs) -> VQGANTokenizer:
-    """A `VQGANTokenizer` from a training workdir (its `config.yaml` and latest checkpoint)."""
-    workdir = Path(checkpoint)
-    if not (workdir / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"{workdir} is not a VQGAN workdir (no config.yaml); give `lvm train-vqgan`'s --workdir"
-        )
-    cfg = VQGANConfig.from_dict(yaml.safe_load((workdir / "config.yaml").read_text()))
-    mngr = _manager(workdir, create=False)
-    step = mngr.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {workdir / 'checkpoints'}")
-    # read onto one local device whatever device count wrote it (the tokenizer replicates them itself)
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = jax.eval_shape(lambda: init_variables(cfg.model))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
-    restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
-    mngr.close()
-    return VQGANTokenizer(cfg.model, dict(restored["model"]), devices=devices, **kwargs)
 
 
 # Training loop ----------------------------------------------------------------------------------------------
@@ -271,7 +240,7 @@ def train(
     save_config(cfg, workdir)
     trainer = Trainer(cfg, devices)
     state = trainer.init_state()
-    mngr = _manager(workdir)
+    mngr = checkpoint_manager(workdir)
     start = mngr.latest_step() or 0
     if start:
         restored = mngr.restore(start, args=_items(state, ocp.args.StandardRestore))

@@ -6,20 +6,27 @@ ResNet blocks -> GroupNorm, SiLU, conv to `latent_dim` -> 1x1 quant conv -> quan
 1x1 post-quant conv, conv 3x3, `num_res_blocks` middle ResNet blocks, then per level `up_res_blocks` ResNet blocks
 (`decoder_res_blocks`, default `num_res_blocks`; LWM's tokenizer has 3) and nearest-neighbour 2x upsampling +
 conv 3x3 (all levels but the last). Arrays are NHWC; pixels are in [-1, 1].
+
+A VQGAN folder (what `lvm train-vqgan` writes and `VQGANTokenizer.load` reads): `config.yaml` and `checkpoints/`
+(Orbax steps with items `model` = params + codebook and `train` = optimiser state etc.; `train` is optional).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lvm.tokenizers.config import ModelConfig
+from lvm.tokenizers.config import ModelConfig, VQGANConfig
 from lvm.tokenizers.quantizer import VectorQuantizer
 
 
@@ -125,6 +132,36 @@ def init_variables(cfg: ModelConfig, seed: int = 0) -> dict:
     return dict(jax.jit(VQGAN(cfg).init)(jax.random.key(seed), x))
 
 
+def checkpoint_manager(folder: str | os.PathLike, create: bool = True) -> ocp.CheckpointManager:
+    """The Orbax manager of a VQGAN folder's `checkpoints/` (items `model` and `train`)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
+    return ocp.CheckpointManager(
+        Path(folder).resolve() / "checkpoints", options=options, item_names=("model", "train")
+    )
+
+
+def save_config(cfg: VQGANConfig, folder: str | os.PathLike) -> None:
+    """Write the folder's `config.yaml`."""
+    os.makedirs(folder, exist_ok=True)
+    Path(folder, "config.yaml").write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def save_model(cfg: VQGANConfig, variables: dict, folder: str | os.PathLike, step: int = 0) -> None:
+    """Write a loadable VQGAN folder holding `variables` (`params` + `codebook`) alone, e.g. converted weights."""
+    save_config(cfg, folder)
+    mngr = checkpoint_manager(folder)
+    model = {"params": variables["params"], "codebook": variables["codebook"]}
+    mngr.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model)), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+
+
+def _plain(d):
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items()}
+    return list(d) if isinstance(d, tuple) else d
+
+
 @dataclasses.dataclass
 class VQGANTokenizer:
     """Frames <-> codes with a trained VQGAN, jitted and data-parallel over `devices` (default: all local ones).
@@ -156,6 +193,35 @@ class VQGANTokenizer:
             in_shardings=(replicated, self._batch),
             out_shardings=self._batch,
         )
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike, devices=None, **kwargs) -> VQGANTokenizer:
+        """The tokenizer of a VQGAN folder (its `config.yaml` and newest checkpoint)."""
+        folder = Path(folder)
+        if not (folder / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"{folder} is not a VQGAN folder (no config.yaml); give `lvm train-vqgan`'s --workdir"
+            )
+        cfg = VQGANConfig.from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+        if not (folder / "checkpoints").is_dir():
+            raise FileNotFoundError(
+                f"no checkpoint under {folder / 'checkpoints'}; train or convert a VQGAN there"
+            )
+        mngr = checkpoint_manager(folder, create=False)
+        try:
+            step = mngr.latest_step()
+            if step is None:
+                raise FileNotFoundError(
+                    f"no complete checkpoint under {folder / 'checkpoints'}; train or convert a VQGAN there"
+                )
+            # read onto one local device whatever device count wrote it (the tokenizer replicates them itself)
+            one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shapes = jax.eval_shape(lambda: init_variables(cfg.model))
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), shapes)
+            restored = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(abstract)))
+        finally:
+            mngr.close()
+        return cls(cfg.model, dict(restored["model"]), devices=devices, **kwargs)
 
     @property
     def code_shape(self) -> tuple[int, int]:

@@ -14,24 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-LAYOUTS = ("zigzag", "contiguous")
+from lvm.attention.chunking import LAYOUTS, check_layout, run_length
 
-
-def check_layout(layout: str, seq_len: int, n_devices: int) -> None:
-    """Raise a clear error when `seq_len` cannot be laid out over `n_devices` with `layout`."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown token layout {layout!r}; choose one of {LAYOUTS}")
-    parts = 2 * n_devices if layout == "zigzag" else n_devices
-    if seq_len % parts:
-        raise ValueError(
-            f"sequence length {seq_len} must be divisible by {parts} for the {layout} layout over "
-            f"{n_devices} devices; pad the sequence to a multiple of {parts}"
-        )
-
-
-def run_length(layout: str, block_len: int, n_devices: int) -> int:
-    """Length of the runs of consecutive global indices inside one device's block."""
-    return block_len // 2 if (layout == "zigzag" and n_devices > 1) else block_len
+__all__ = ["LAYOUTS", "check_layout", "from_layout", "global_permutation", "local_token_index", "run_length"]
+__all__ += ["to_layout"]
 
 
 def local_token_index(device, n_devices: int, block_len: int, layout: str) -> jax.Array:

@@ -19,10 +19,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from lvm.attention import blockwise, fused
-from lvm.attention.layout import check_layout, from_layout, local_token_index, run_length, to_layout
+from lvm.attention.chunking import KERNELS, check_layout, resolve_chunks, run_length
+from lvm.attention.layout import from_layout, local_token_index, to_layout
 
-MAX_DEFAULT_CHUNK = 512
-KERNELS = ("auto", "xla", "fused")
 _log = logging.getLogger(__name__)
 _fallbacks_logged: set[str] = set()
 
@@ -33,30 +32,6 @@ class RingConfig(NamedTuple):
     tiling: blockwise.Tiling  # forward tiles
     backward_tiling: blockwise.Tiling
     target: fused.Target | None  # None: the XLA blockwise kernel
-
-
-def default_chunk(run: int, limit: int = MAX_DEFAULT_CHUNK) -> int:
-    """Largest divisor of `run` that is at most `limit` (chunks never straddle a layout run)."""
-    for c in range(min(run, limit), 0, -1):
-        if run % c == 0:
-            return c
-    return 1
-
-
-def resolve_chunks(block_len: int, n_devices: int, layout: str, q_chunk, kv_chunk) -> tuple[int, int]:
-    """Chunk sizes for a local block: defaults derived from the block, explicit ones validated."""
-    run = run_length(layout, block_len, n_devices)
-    out = []
-    for name, value in (("q_chunk", q_chunk), ("kv_chunk", kv_chunk)):
-        if value is None:
-            value = default_chunk(run)
-        elif value <= 0 or block_len % value:
-            raise ValueError(
-                f"{name}={value} must be a positive divisor of the per-device block of {block_len} tokens "
-                f"(sequence / sp); try {default_chunk(run)}"
-            )
-        out.append(int(value))
-    return out[0], out[1]
 
 
 def choose_kernel(

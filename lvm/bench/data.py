@@ -134,7 +134,7 @@ def _loader(uri: str, args, cache_dir: str) -> dict:
         batch = next(it)
         jax.block_until_ready(batch)
     seconds = time.perf_counter() - t0
-    filled = float(np.mean(np.asarray(batch["segment_ids"]) > 0))
+    filled = float(np.mean(np.asarray(batch.segment_ids) > 0))
     it.close()
     tokens = args.steps * args.batch * args.seq_len
     return {"uri": uri, "steps": args.steps, "tokens_per_s": tokens / seconds, "fill_last_batch": filled}

@@ -98,23 +98,17 @@ def run(args) -> int:
 
 def _generator(args, sp: int):
     """A Generator over a 1,1,1,sp mesh of the first sp devices (checkpoint or random params)."""
-    import dataclasses
-
     import jax
-    import yaml
 
-    from lvm.config import MeshConfig, config_from_dict, load_config
+    from lvm import checkpoint
+    from lvm.config import MeshConfig, load_config
     from lvm.generation import Generator
     from lvm.model import init_params
     from lvm.sharding import make_mesh
-    from lvm.trainer import load_params
 
     mesh_cfg = MeshConfig(1, 1, 1, sp)
     if args.checkpoint:
-        cfg = config_from_dict(yaml.safe_load((pathlib.Path(args.checkpoint) / "config.yaml").read_text()))
-        cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
-        mesh = make_mesh(mesh_cfg, jax.devices()[:sp])
-        params = load_params(args.checkpoint, cfg, mesh)
+        cfg, mesh, params = checkpoint.restore_model(args.checkpoint, mesh_cfg, jax.devices()[:sp])
     else:
         cfg = load_config([args.config], [f"mesh=1,1,1,{sp}"])
         mesh = make_mesh(mesh_cfg, jax.devices()[:sp])
@@ -148,14 +142,13 @@ def _throughput(gen, cfg, sp: int, n: int, new_tokens: int, reps: int) -> dict:
 
 def _vqgan(args):
     """The checkpoint's VQGAN if its tokenizers.json names one, else a random one of --vqgan-config."""
-    from lvm.inference import read_tokenizers
+    from lvm.checkpoint import read_tokenizers
     from lvm.tokenizers.config import load_config
-    from lvm.tokenizers.train_vqgan import load_tokenizer
     from lvm.tokenizers.vqgan import VQGANTokenizer, init_variables
 
     path = read_tokenizers(args.checkpoint).get("vqgan") if args.checkpoint else None
     if path:
-        return load_tokenizer(path)
+        return VQGANTokenizer.load(path)
     cfg = load_config(args.vqgan_config).model
     return VQGANTokenizer(cfg, init_variables(cfg))
 

@@ -20,12 +20,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import os
+    from lvm import cpu_devices
 
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+    cpu_devices.simulate(8, cpu_only=True, keep=True)
     from lvm.demo.run import Demo, DemoConfig
 
     results = Demo(args.out, DemoConfig(seed=args.seed, lights_out=args.lights_out), gcs=args.gcs).run()

@@ -18,9 +18,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from lvm.tokenizers.train_vqgan import evaluate, load_tokenizer
+    from lvm.tokenizers.train_vqgan import evaluate
+    from lvm.tokenizers.vqgan import VQGANTokenizer
 
-    result = evaluate(load_tokenizer(args.checkpoint), args.videos, args.frames_per_video)
+    result = evaluate(VQGANTokenizer.load(args.checkpoint), args.videos, args.frames_per_video)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -17,35 +17,23 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import dataclasses
     from pathlib import Path
 
-    import jax
-    import yaml
-
     from lvm import checkpoint
-    from lvm.config import MeshConfig, config_from_dict, config_to_dict
-    from lvm.inference import read_tokenizers
-    from lvm.sharding import make_mesh
-    from lvm.trainer import TOKENIZERS_FILE, load_params
+    from lvm.config import MeshConfig
 
     workdir = Path(args.workdir)
-    if not (workdir / "config.yaml").is_file():
+    if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(
-            f"{workdir} is not a training run folder (no config.yaml); give `lvm train`'s --workdir"
+            f"{workdir} is not a training run folder (no checkpoints/); give `lvm train`'s --workdir"
         )
-    cfg = config_from_dict(yaml.safe_load((workdir / "config.yaml").read_text()))
-    cfg = dataclasses.replace(cfg, mesh=MeshConfig(1, -1, 1, 1))  # FSDP over this host's devices
-    mesh = make_mesh(cfg.mesh.resolve(jax.device_count()))
-    params = load_params(workdir, cfg, mesh)
-    out = Path(args.out)
-    path = checkpoint.export_params(params, out)
-    tokenizers = read_tokenizers(workdir)
+    cfg, _, params = checkpoint.restore_model(
+        workdir, MeshConfig(1, -1, 1, 1)
+    )  # FSDP over this host's devices
+    tokenizers = checkpoint.read_tokenizers(workdir)
     for key, value in (("text_tokenizer", args.text_tokenizer), ("vqgan", args.vqgan)):
         if value:
             tokenizers[key] = str(Path(value).resolve())
-    if jax.process_index() == 0:
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-        (out / TOKENIZERS_FILE).write_text(json.dumps(tokenizers, indent=1))
-    print(json.dumps({"params": path, "config": str(out / "config.yaml"), **tokenizers}))
+    path = checkpoint.export(args.out, params, cfg, tokenizers)
+    print(json.dumps({"params": path, "config": str(Path(args.out) / checkpoint.CONFIG_FILE), **tokenizers}))
     return 0

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lvm import cpu_devices
+
 CHILD_ENV = "LVM_PLAN_CHILD"  # set in a re-executed child so it never re-executes again
 
 
@@ -36,15 +38,14 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     if _cpu_devices_short(args):  # jax fixed its CPU device count at import: rerun with enough of them
-        env = {"JAX_PLATFORMS": "cpu", **os.environ, CHILD_ENV: "1", "XLA_FLAGS": _xla_flags(args.devices)}
+        env = {**cpu_devices.cpu_env(args.devices), CHILD_ENV: "1"}
         return subprocess.run([sys.executable, "-m", "lvm.cli", "plan", *_argv(args)], env=env).returncode
-    if "jax" not in sys.modules:
-        os.environ["XLA_FLAGS"] = _xla_flags(args.devices)
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is only used for ahead-of-time compiles
+    cpu_devices.simulate(args.devices, cpu_only=True)  # libtpu is only used for ahead-of-time compiles
 
+    from lvm.curriculum import resolve_config
     from lvm.planner import plan
 
-    cfg, stage = load_stage(args.config, args.stage, args.set)
+    cfg, stage = resolve_config([args.config], args.stage, args.set)
     report = plan(
         cfg,
         args.devices,
@@ -63,32 +64,6 @@ def run(args) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     return 0
-
-
-def load_stage(config: str, stage: str | None, overrides):
-    """(Config, stage name) from a curriculum stage, or from a plain config file (stage None)."""
-    import yaml
-
-    from lvm.config import ConfigError, load_config
-    from lvm.curriculum import load_curriculum, resolve_curriculum_path
-
-    try:
-        path = resolve_curriculum_path(config)
-        is_curriculum = "stages" in (yaml.safe_load(path.read_text()) or {})
-    except FileNotFoundError:
-        is_curriculum = False
-    if not is_curriculum:
-        if stage is not None:
-            raise ConfigError(f"--stage {stage!r} given but {config!r} is a config file, not a curriculum")
-        return load_config([config], overrides), None
-    curriculum = load_curriculum(path, overrides)
-    if stage is None:
-        if len(curriculum.stages) != 1:
-            raise ConfigError(
-                f"curriculum {curriculum.name!r} has stages {curriculum.stage_names}; pick one with --stage"
-            )
-        stage = curriculum.stages[0].name
-    return curriculum.stage(stage).cfg, stage
 
 
 def summary(r: dict) -> str:
@@ -145,13 +120,6 @@ def _cpu_devices_short(args) -> bool:
     import jax
 
     return len(jax.devices("cpu")) < args.devices
-
-
-def _xla_flags(n: int) -> str:
-    flags = [
-        f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
-    ]
-    return " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
 
 
 def _argv(args) -> list[str]:

@@ -28,15 +28,9 @@ def add_arguments(parser) -> None:
 
 def load(args):
     """The Config the flags describe."""
-    if args.stage:
-        from lvm.curriculum import load_curriculum
+    from lvm.curriculum import resolve_config
 
-        if len(args.config) != 1:
-            raise ValueError("with --stage give exactly one --config: the curriculum")
-        return load_curriculum(args.config[0], args.set).stage(args.stage).cfg
-    from lvm.config import load_config
-
-    return load_config(args.config, args.set)
+    return resolve_config(args.config, args.stage, args.set)[0]
 
 
 def stop_on_nonfinite(command: str, fn):

@@ -130,25 +130,13 @@ def _text_tensors(params: dict, m) -> Iterator[tuple]:
 def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     """Write `out` (config.json, model.safetensors, vision.safetensors) from an `lvm export`/`convert-lwm`
     folder or a training workdir. Returns the written paths."""
-    import dataclasses
-
     import jax
-    import yaml
 
-    from lvm.config import MeshConfig, config_from_dict
-    from lvm.inference import read_tokenizers
-    from lvm.sharding import make_mesh
-    from lvm.trainer import load_params
+    from lvm import checkpoint as checkpoints
+    from lvm.config import MeshConfig
 
     checkpoint, out = Path(checkpoint), Path(out)
-    if not (checkpoint / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"{checkpoint} has no config.yaml: give an `lvm export` or `lvm convert-lwm` folder"
-        )
-    cfg = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()))
-    cfg = dataclasses.replace(cfg, mesh=MeshConfig(1, -1, 1, 1))
-    mesh = make_mesh(cfg.mesh.resolve(jax.device_count()))
-    params = load_params(checkpoint, cfg, mesh)
+    cfg, _, params = checkpoints.restore_model(checkpoint, MeshConfig(1, -1, 1, 1))
     params = jax.tree.map(
         lambda x: jax.device_put(x, jax.devices("cpu")[0]), params
     )  # host copies, leaf-wise
@@ -170,7 +158,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     write_safetensors(out / "vision.safetensors", vision, meta)
     written = {"config": str(out / "config.json"), "model": str(out / "model.safetensors"),
                "vision": str(out / "vision.safetensors")}  # fmt: skip
-    tokenizer = read_tokenizers(checkpoint).get("text_tokenizer")
+    tokenizer = checkpoints.read_tokenizers(checkpoint).get("text_tokenizer")
     if tokenizer and Path(tokenizer).is_file():
         shutil.copyfile(tokenizer, out / "tokenizer.model")
         written["tokenizer"] = str(out / "tokenizer.model")
