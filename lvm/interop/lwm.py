@@ -22,6 +22,12 @@ The VQGAN (a pickle, read with `safe_pickle`) maps onto `lvm.tokenizers.vqgan` n
 construction order (`vqgan_name_map`). LWM's decoder has num_res_blocks + 1 ResNet blocks per up level (3 in
 the released tokenizer); the import reads that count from the pickle into `decoder_res_blocks`, so every tensor
 is mapped, none dropped: encoding (what `lvm qa` uses) and decoding (`lvm generate` of video) are LWM's.
+
+`convert_lwm` checks every input before it writes anything (the params file's records all map with the right
+shapes, the VQGAN pickle is safe and maps completely, the text tokenizer loads, the overrides hold, the output
+folder is free or `overwrite` is given), then writes into `<out>.partial-<pid>` beside `out` and renames it into
+place only once all of it succeeded: a failure leaves no folder behind and an existing `out` as it was. The
+converted model computes in float32 as LWM's scripts do (`--dtype fp32`); bfloat16 is an option (`dtype`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator, Sequence
@@ -36,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvm.config import Config, config_to_dict, load_config
+from lvm.config import Config, load_config
 from lvm.interop import safe_pickle, tux_stream
 from lvm.interop.orbax_writer import ParamsWriter
 
@@ -164,14 +171,25 @@ def infer_model(records: Sequence[tux_stream.Record], head_dim: int) -> tuple[di
     return dims, bool(vision)
 
 
+def source_dtype(records: Sequence[tux_stream.Record]) -> str:
+    """The float dtype a params file stores its weights in (float32 when its records mix dtypes)."""
+    names = {rec.dtype.name for rec in records if target_of(rec.key) is not None}
+    return names.pop() if len(names) == 1 and names <= {"bfloat16", "float16", "float32"} else "float32"
+
+
 def model_config(
-    records, head_dim: int = 128, rope_theta: float = 5e7, seq_len: int = 32768, param_dtype: str = "bfloat16",
-    rope_layout: str = "interleaved", overrides: Sequence[str] = (),
+    records, *, head_dim: int = 128, rope_theta: float = 5e7, seq_len: int = 32768, dtype: str = "float32",
+    param_dtype: str = "auto", rope_layout: str = "interleaved", overrides: Sequence[str] = (),
 ) -> tuple[Config, bool]:  # fmt: skip
-    """This project's Config for an LWM params file: shapes from the file, LWM's 7B settings otherwise."""
+    """This project's Config for an LWM params file: shapes from the file, LWM's 7B settings otherwise.
+
+    `dtype` is the compute dtype (LWM's scripts compute in float32); `param_dtype` the stored one ("auto": the
+    file's, so LWM's bfloat16 release is stored unrounded and upcast exactly when computing in float32)."""
     dims, vision = infer_model(records, head_dim)
+    if param_dtype == "auto":
+        param_dtype = source_dtype(records)
     sets = [f"model.{k}={v}" for k, v in dims.items()]
-    sets += [f"model.rope_theta={rope_theta}", f"model.rope_layout={rope_layout}"]
+    sets += [f"model.rope_theta={rope_theta}", f"model.rope_layout={rope_layout}", f"model.dtype={dtype}"]
     sets += [f"model.param_dtype={param_dtype}", f"train.seq_len={seq_len}", *overrides]
     cfg = load_config(["model/lwm_7b"], sets)
     changed = {k: getattr(cfg.model, k) for k, v in dims.items() if getattr(cfg.model, k) != v}
@@ -196,51 +214,87 @@ def _open(uri: str, block_size: int | None = None):
 
 
 def scan_params(uri: str) -> list[tux_stream.Record]:
-    """Headers of every record of an LWM params file (local or gs://), payloads skipped."""
+    """Headers of every record of an LWM params file (local or gs://), payloads skipped; a file cut short (a
+    payload running past its end) is refused here, before anything is converted."""
     with _open(uri, block_size=1 << 16) as f:
-        return list(tux_stream.scan(f))
+        records = list(tux_stream.scan(f))
+        size = f.seek(0, 2)
+    for rec in records:
+        end = max((offset + n for offset, n in rec.pieces), default=0)
+        if end > size:
+            raise ValueError(
+                f"truncated params file {uri}: {'/'.join(rec.key)} ends at byte {end} of a {size}-byte file"
+            )
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """One record's place: leaf `key` of our tree (at stacked index `layer`, or whole), of shape `target`."""
+
+    record: tux_stream.Record
+    key: tuple[str, ...]
+    layer: int | None
+    target: tuple[int, ...]
+
+
+def plan_params(
+    records: Sequence[tux_stream.Record], cfg: Config
+) -> tuple[dict, list[Copy], list[tuple[str, ...]]]:
+    """Check that `records` fill this model's params exactly (every record known, every shape right, every leaf
+    and layer covered once), reading no payload. Returns ({leaf: (shape, dtype)}, the copies, the leaves to
+    zero-fill: a text-only model's vision embedding and head)."""
+    from lvm.model import param_shapes
+
+    shapes = {path: (s.shape, np.dtype(s.dtype)) for path, s in _flat(param_shapes(cfg.model))}
+    copies: list[Copy] = []
+    seen: set = set()
+    for rec in records:
+        t = target_of(rec.key)
+        if t is None:
+            if rec.key[0] in TRAIN_STATE_EXTRAS:
+                continue
+            raise ValueError(f"unknown record {'/'.join(rec.key)} in the params file")
+        key = ("layers", t.name) if t.name in LAYER_NAMES.values() else (t.name,)
+        full, _ = shapes[key]
+        target = full[1:] if t.layer is not None else full
+        if rec.shape != _lwm_shape(t.name, target, stacked=t.layer is None and key[0] == "layers"):
+            raise ValueError(f"{'/'.join(rec.key)} has shape {rec.shape}; this model expects {target}")
+        if (key, t.layer) in seen:
+            raise ValueError(f"the params file holds {'/'.join(rec.key)} twice")
+        seen.add((key, t.layer))
+        copies.append(Copy(rec, key, t.layer, tuple(target)))
+    zeros = []
+    for key, (full, _) in shapes.items():
+        stacked = key[0] == "layers"
+        have = {layer for k, layer in seen if k == key}
+        if key[-1] in VISION_ONLY and not have:
+            zeros.append(key)  # a text-only LWM model: no vision embedding or head
+        elif have != ({None} if not stacked or None in have else set(range(full[0]))):
+            raise ValueError(
+                f"the params file does not cover {'/'.join(key)} (layers {sorted(map(str, have))})"
+            )
+    return shapes, copies, zeros
 
 
 def convert_params(
     uri: str, records: Sequence[tux_stream.Record], cfg: Config, out_dir: str | Path, log=print
 ) -> str:
-    """Stream an LWM params file into `out_dir/params` (the `lvm export` layout's Orbax params)."""
-    from lvm.model import param_shapes
-
+    """Stream an LWM params file into `out_dir/params` (the `lvm export` layout's Orbax params); the records are
+    checked (`plan_params`) before the first write."""
+    shapes, copies, zeros = plan_params(records, cfg)
     m = cfg.model
-    shapes = {}
-    for path, s in _flat(param_shapes(m)):
-        shapes[path] = (s.shape, np.dtype(s.dtype))
     chunk_rows = {k: 1 for k in shapes if k[0] == "layers"}  # one layer per chunk
     writer = ParamsWriter(Path(out_dir) / "params", shapes, chunk_rows)
     perm = _rope_permutation(m.head_dim) if m.rope_layout == "half" else None
-    seen: set = set()
     with _open(uri) as f:
-        for rec in records:
-            t = target_of(rec.key)
-            if t is None:
-                if rec.key[0] in TRAIN_STATE_EXTRAS:
-                    continue
-                raise ValueError(f"unknown record {'/'.join(rec.key)} in the params file")
-            key = ("layers", t.name) if t.name in LAYER_NAMES.values() else (t.name,)
-            full, dtype = shapes[key]
-            target = full[1:] if t.layer is not None else full
-            if rec.shape != _lwm_shape(t.name, target, stacked=t.layer is None and key[0] == "layers"):
-                raise ValueError(f"{'/'.join(rec.key)} has shape {rec.shape}; this model expects {target}")
-            _copy_record(
-                f, rec, writer, key, t.layer, target, dtype, perm if t.name in ("wq", "wk") else None
-            )
-            seen.add((key, t.layer))
-            log(f"  {'/'.join(rec.key)} {list(rec.shape)} {rec.dtype} -> {'/'.join(key)}")
-    for key, (full, _) in shapes.items():
-        stacked = key[0] == "layers"
-        have = {layer for k, layer in seen if k == key}
-        if key[-1] in VISION_ONLY and not have:
-            writer.fill_zeros(key)  # a text-only LWM model: no vision embedding or head
-        elif have != ({None} if not stacked or None in have else set(range(full[0]))):
-            raise ValueError(
-                f"the params file does not cover {'/'.join(key)} (layers {sorted(map(str, have))})"
-            )
+        for c in copies:
+            rec, dtype = c.record, shapes[c.key][1]
+            rope = perm if c.key[-1] in ("wq", "wk") else None
+            _copy_record(f, rec, writer, c.key, c.layer, c.target, dtype, rope)
+            log(f"  {'/'.join(rec.key)} {list(rec.shape)} {rec.dtype} -> {'/'.join(c.key)}")
+    for key in zeros:
+        writer.fill_zeros(key)
     return writer.close()
 
 
@@ -288,52 +342,6 @@ def _flat(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], object]]:
 
 # ----------------------------------------------------------------------------------------------------------
 # The VQGAN
-
-
-def lwm_vqgan_shapes(
-    base: int, mult: Sequence[int], n_res: int, latent: int, codes: int, up_res: int | None = None
-) -> dict[str, tuple]:
-    """LWM's VQGAN tree ('/'-joined paths -> shapes) for a config (LWM's: 128, (1,2,2,4,6), 2, 64, 8192);
-    `up_res` ResNet blocks per decoder up level (None: LWM's n_res + 1)."""
-    up_res = n_res + 1 if up_res is None else up_res
-    out: dict[str, tuple] = {}
-
-    def conv(path, k, cin, cout):
-        out[f"{path}/kernel"], out[f"{path}/bias"] = (k, k, cin, cout), (cout,)
-
-    def norm(path, c):
-        out[f"{path}/scale"], out[f"{path}/bias"] = (c,), (c,)
-
-    def resblock(path, cin, cout):
-        norm(f"{path}/GroupNorm_0", cin), conv(f"{path}/Conv_0", 3, cin, cout)
-        norm(f"{path}/GroupNorm_1", cout), conv(f"{path}/Conv_1", 3, cout, cout)
-        if cin != cout:
-            conv(f"{path}/Conv_2", 1, cin, cout)
-
-    chans = [base * m for m in mult]
-    conv("encoder/Conv_0", 3, 3, base)
-    c = base
-    for i, ch in enumerate(chans):
-        for j in range(n_res):
-            resblock(f"encoder/DownsamplingBlock_{i}/ResnetBlock_{j}", c, ch)
-            c = ch
-        if i < len(chans) - 1:
-            conv(f"encoder/DownsamplingBlock_{i}/Downsample_0/Conv_0", 3, c, c)
-    for j in range(2):
-        resblock(f"encoder/MidBlock_0/ResnetBlock_{j}", c, c)
-        resblock(f"decoder/MidBlock_0/ResnetBlock_{j}", c, c)
-    norm("encoder/GroupNorm_0", c), conv("encoder/Conv_1", 3, c, latent)
-    conv("quant_conv", 1, latent, latent), conv("post_quant_conv", 1, latent, latent)
-    out["quantize/embeddings"] = (codes, latent)
-    conv("decoder/Conv_0", 3, latent, c)
-    for u, level in enumerate(reversed(range(len(chans)))):
-        for j in range(up_res):
-            resblock(f"decoder/UpsamplingBlock_{u}/ResnetBlock_{j}", c, chans[level])
-            c = chans[level]
-        if level > 0:
-            conv(f"decoder/UpsamplingBlock_{u}/Upsample_0/Conv_0", 3, c, c)
-    norm("decoder/GroupNorm_0", c), conv("decoder/Conv_1", 3, c, 3)
-    return dict(sorted(out.items()))
 
 
 def vqgan_model_config(flat: dict):
@@ -443,14 +451,36 @@ def flatten_tree(tree, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
-def convert_vqgan(uri: str, out_dir: str | Path, trust_pickle: bool = False, log=print) -> dict:
-    """Read LWM's VQGAN pickle and write this project's VQGAN workdir at `out_dir`; every LWM tensor is mapped
-    (one that is not stops the import). Returns the config and the number of tensors read."""
-    import jax
-    from flax.traverse_util import unflatten_dict
+@dataclasses.dataclass(frozen=True)
+class VQGANImport:
+    """LWM's VQGAN read, checked and mapped in memory: our config and variables ('/'-joined paths)."""
 
-    from lvm.tokenizers import train_vqgan
-    from lvm.tokenizers.config import VQGANConfig
+    cfg: object  # lvm.tokenizers.config.ModelConfig
+    variables: dict[str, np.ndarray]
+    tensors: int  # LWM tensors read (all of them mapped)
+
+    def summary(self) -> dict:
+        return {"vqgan_config": dataclasses.asdict(self.cfg), "vqgan_tensors": self.tensors}
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write this project's VQGAN folder at `out_dir` (replacing one there)."""
+        from flax.traverse_util import unflatten_dict
+
+        from lvm.tokenizers.config import VQGANConfig
+        from lvm.tokenizers.vqgan import save_model
+
+        workdir = Path(out_dir)
+        shutil.rmtree(workdir, ignore_errors=True)
+        tree = unflatten_dict({tuple(k.split("/")): v for k, v in self.variables.items()})
+        save_model(VQGANConfig(model=self.cfg), tree, workdir)
+
+
+def read_vqgan(uri: str, trust_pickle: bool = False, log=print) -> VQGANImport:
+    """Read LWM's VQGAN pickle (restricted unpickling unless `trust_pickle`) and map every tensor onto this
+    project's VQGAN, checking each shape; an LWM tensor without a place, or a place without a tensor, stops it.
+    Writes nothing."""
+    import jax
+
     from lvm.tokenizers.vqgan import init_variables
 
     with _open(uri) as f:
@@ -467,6 +497,8 @@ def convert_vqgan(uri: str, out_dir: str | Path, trust_pickle: bool = False, log
         if ours.startswith("codebook/"):
             continue
         lwm = names[ours]
+        if lwm not in flat:
+            raise ValueError(f"the VQGAN pickle lacks {lwm} (for {ours}): not LWM's VQGAN layout")
         if flat[lwm].shape != spec.shape:
             raise ValueError(f"VQGAN {lwm} has shape {flat[lwm].shape}; {ours} needs {spec.shape}")
         variables[ours] = flat[lwm].astype(np.float32)
@@ -487,57 +519,132 @@ def convert_vqgan(uri: str, out_dir: str | Path, trust_pickle: bool = False, log
         f"  VQGAN: all {len(flat)} tensors mapped ({cfg.num_res_blocks} ResNet blocks per encoder level, "
         f"{cfg.up_res_blocks} per decoder level)"
     )
-    workdir = Path(out_dir)
-    shutil.rmtree(workdir, ignore_errors=True)
-    train_vqgan.save_config(VQGANConfig(model=cfg), workdir)
-    mngr = train_vqgan._manager(workdir)
-    tree = unflatten_dict({tuple(k.split("/")): v for k, v in variables.items()})
-    mngr.save(0, args=train_vqgan.ocp.args.Composite(model=train_vqgan.ocp.args.StandardSave(tree)))
-    mngr.wait_until_finished()
-    mngr.close()
-    return {"vqgan_config": dataclasses.asdict(cfg), "vqgan_tensors": len(flat)}
+    return VQGANImport(cfg, variables, len(flat))
+
+
+def convert_vqgan(uri: str, out_dir: str | Path, trust_pickle: bool = False, log=print) -> dict:
+    """Read LWM's VQGAN pickle (`read_vqgan`) and write this project's VQGAN folder at `out_dir`. Returns the
+    config and the number of tensors read."""
+    vq = read_vqgan(uri, trust_pickle, log)
+    vq.save(out_dir)
+    return vq.summary()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The whole import
 
 
+def read_text_tokenizer(uri: str, text_vocab_size: int) -> bytes:
+    """The bytes of a SentencePiece model (local or gs://), checked to load and to fit the text vocabulary."""
+    import sentencepiece as spm
+
+    from lvm.data_pipeline import storage
+
+    if not storage.exists(uri) or not (storage.is_gcs(uri) or Path(uri).is_file()):
+        raise FileNotFoundError(f"no text tokenizer at {uri} (--text-tokenizer: a SentencePiece .model file)")
+    data = storage.read_bytes(uri)
+    try:
+        pieces = spm.SentencePieceProcessor(model_proto=data).get_piece_size()
+    except RuntimeError as err:  # sentencepiece's answer to bytes that are not a model
+        raise ValueError(f"{uri} is not a SentencePiece model: {err}") from None
+    if pieces > text_vocab_size:
+        raise ValueError(
+            f"the text tokenizer {uri} has {pieces} pieces; the model's text vocabulary only {text_vocab_size}"
+        )
+    return data
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that cannot be written, or one holding files unless `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--out {out} already holds files; choose another --out, or pass --overwrite to replace it (its "
+            "contents are removed only once the new conversion has succeeded)"
+        )
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot create --out {out}: {parent} is not a writable folder")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh folder `<out>.partial-<pid>` beside `out` to write into; on success it replaces `out` (any old
+    contents removed only after the rename); on any exception it is removed and `out` is left as it was."""
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    missing = [p for p in out.parents if not p.exists()]  # folders to create, and to remove again on failure
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = out.with_name(f"{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old is not None:
+            out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            if old is not None:
+                old.rename(out)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in missing:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def convert_lwm(
     params: str, out: str | Path, *, vqgan: str | None = None, text_tokenizer: str | None = None,
     trust_pickle: bool = False, head_dim: int = 128, rope_theta: float = 5e7, seq_len: int = 32768,
-    param_dtype: str = "bfloat16", rope_layout: str = "interleaved", overrides: Sequence[str] = (), log=print,
+    dtype: str = "float32", param_dtype: str = "auto", rope_layout: str = "interleaved",
+    overrides: Sequence[str] = (), overwrite: bool = False, log=print,
 ) -> dict:  # fmt: skip
     """Write an `lvm export`-style folder (params/, config.yaml, tokenizers.json, vqgan/, text tokenizer) that
-    `lvm qa` and `lvm generate` load directly. Returns a summary (also written as conversion.json)."""
-    import yaml
+    `lvm qa` and `lvm generate` load directly. Returns a summary (also written as conversion.json).
 
-    from lvm.data_pipeline import storage
-    from lvm.trainer import TOKENIZERS_FILE
+    Every input is checked before anything is written (see the module docstring); the folder appears at `out`
+    only when complete. `dtype` is the compute dtype (LWM's float32 by default), `param_dtype` the stored one
+    ("auto": the file's)."""
+    from lvm import checkpoint
 
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, overwrite)
     log(f"scanning {params}")
     records = scan_params(params)
-    cfg, vision = model_config(records, head_dim, rope_theta, seq_len, param_dtype, rope_layout, overrides)
+    cfg, vision = model_config(
+        records, head_dim=head_dim, rope_theta=rope_theta, seq_len=seq_len, dtype=dtype,
+        param_dtype=param_dtype, rope_layout=rope_layout, overrides=overrides,
+    )  # fmt: skip
+    plan_params(records, cfg)
     file_bytes = sum(r.nbytes for r in records)
     log(f"{len(records)} records, {file_bytes / 2**30:.2f} GiB of arrays; vision: {vision}")
-    summary = {"source": params, "records": len(records), "array_bytes": file_bytes, "vision": vision}
-    summary["params"] = convert_params(params, records, cfg, out, log=log)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tokenizers = {}
+    tokenizer_bytes = vq = None
     if text_tokenizer:
-        local = out / "text_tokenizer.model"
-        with contextlib.suppress(FileNotFoundError):
-            local.unlink()
-        if storage.is_gcs(text_tokenizer):
-            storage.download(text_tokenizer, str(local))
-        else:
-            shutil.copyfile(text_tokenizer, local)
-        tokenizers["text_tokenizer"] = str(local)
+        tokenizer_bytes = read_text_tokenizer(text_tokenizer, cfg.model.text_vocab_size)
     if vqgan:
-        log(f"converting VQGAN {vqgan}")
-        summary |= convert_vqgan(vqgan, out / "vqgan", trust_pickle=trust_pickle, log=log)
-        tokenizers["vqgan"] = str(out / "vqgan")
-    (out / TOKENIZERS_FILE).write_text(json.dumps(tokenizers, indent=1))
-    (out / "conversion.json").write_text(json.dumps(summary, indent=1))
+        log(f"reading VQGAN {vqgan}")
+        vq = read_vqgan(vqgan, trust_pickle=trust_pickle, log=log)
+    summary = {"source": params, "records": len(records), "array_bytes": file_bytes, "vision": vision}
+    summary |= {"dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype, "params": str(out / "params")}
+    tokenizers = {}
+    with staged(out) as tmp:
+        log(f"converting params into {tmp}")
+        convert_params(params, records, cfg, tmp, log=log)
+        checkpoint.write_config(tmp, cfg)
+        if tokenizer_bytes is not None:
+            (tmp / "text_tokenizer.model").write_bytes(tokenizer_bytes)
+            tokenizers["text_tokenizer"] = str(out / "text_tokenizer.model")
+        if vq is not None:
+            vq.save(tmp / "vqgan")
+            summary |= vq.summary()
+            tokenizers["vqgan"] = str(out / "vqgan")
+        checkpoint.write_tokenizers(tmp, tokenizers)  # the paths the folder will have once renamed into place
+        (tmp / "conversion.json").write_text(json.dumps(summary, indent=1))
+    log(f"wrote {out}")
     return summary
