@@ -163,3 +163,17 @@ def test_train_and_plan_read_config_and_stage_flags_alike(tmp_path):
         resolve_config(["model/tiny"], "2k")
     with pytest.raises(ConfigError, match="needs exactly one --config naming a curriculum"):
         resolve_config(["tiny", "model/tiny"], "2k")
+
+
+def test_config_imports_no_jax_and_inference_never_imports_the_trainer():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import lvm.config, lvm.curriculum, lvm.batch, lvm.attention.chunking\n"
+        "assert 'jax' not in sys.modules, 'lvm.config imported jax'\n"
+        "import lvm.inference, lvm.checkpoint, lvm.commands.export, lvm.interop.hf, lvm.interop.lwm\n"
+        "assert 'lvm.trainer' not in sys.modules, 'inference or a command imported the trainer'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
