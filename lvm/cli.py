@@ -27,14 +27,20 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lvm", description="Long-context video-language models in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, module_name in COMMANDS.items():
+def add_subcommands(parser: argparse.ArgumentParser, dest: str, modules: dict[str, str], attr: str) -> None:
+    """One subparser per `name -> module` (help: the module docstring's first line); the chosen module is set
+    as `args.<attr>`."""
+    sub = parser.add_subparsers(dest=dest, required=True)
+    for name, module_name in modules.items():
         module = importlib.import_module(module_name)
         cmd = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         module.add_arguments(cmd)
-        cmd.set_defaults(_module=module)
+        cmd.set_defaults(**{attr: module})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lvm", description="Long-context video-language models in JAX.")
+    add_subcommands(parser, "command", COMMANDS, "_module")
     return parser
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 # benchmark name -> module defining `add_arguments(parser)` and `run(args)`.
 BENCHMARKS = {
     "attention": "lvm.bench.attention",
@@ -15,12 +13,9 @@ BENCHMARKS = {
 
 
 def add_arguments(parser) -> None:
-    sub = parser.add_subparsers(dest="benchmark", required=True)
-    for name, module_name in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
-        cmd = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
-        module.add_arguments(cmd)
-        cmd.set_defaults(_bench=module)
+    from lvm.cli import add_subcommands
+
+    add_subcommands(parser, "benchmark", BENCHMARKS, "_bench")
 
 
 def run(args):
