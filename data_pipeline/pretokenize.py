@@ -12,8 +12,8 @@ Manifest lines (one JSON object each; relative video paths are relative to the m
 For classifier-free guidance, a text-to-video example drops its prompt (becoming unconditional,
 `<s><vision>..</vision></s>`) with probability `uncond_prob`, decided by a seeded draw per manifest line.
 
-Chat documents use `video_first_chat` (or LWM's question-first `lwm_chat` with template "lwm"); later turns
-continue as ` USER: {question} ASSISTANT: {answer}`.
+Chat documents are `format.conversation`s: the first turn in the video-first template (or LWM's question-first
+one with template "lwm"), later turns as `format.later_turn`.
 
 Manifest line i goes to shard i // shard_size; shard k is made by process k % process_count. Finished shards
 (their index exists) are skipped, so a rerun after a crash redoes only unfinished shards. An input that fails
@@ -48,7 +48,7 @@ class PretokenizeConfig:
     shard_size: int = 256  # manifest lines per shard
     process_index: int = 0
     process_count: int = 1
-    template: str = "video_first"  # or "lwm"
+    template: str = "video_first"  # a key of format.TEMPLATES
     video_loss: float = 0.0
     uncond_prob: float = 0.0  # share of text-to-video examples whose prompt is dropped (for guidance)
     cache_dir: str | None = None
@@ -65,8 +65,9 @@ class PretokenizeConfig:
             )
         if not 0 <= self.uncond_prob <= 1:
             raise ValueError(f"uncond_prob must lie in [0, 1], got {self.uncond_prob}")
-        if self.template not in ("video_first", "lwm"):
-            raise ValueError(f"template must be 'video_first' or 'lwm', got {self.template!r}")
+        if self.template not in fmt.TEMPLATES:
+            names = " or ".join(map(repr, fmt.TEMPLATES))
+            raise ValueError(f"template must be {names}, got {self.template!r}")
 
 
 def read_manifest(uri: str) -> list[str]:
@@ -110,17 +111,7 @@ def document(
         turns = example["qa"]
         if not turns or not all(isinstance(t, dict) and "question" in t and "answer" in t for t in turns):
             raise ValueError("'qa' must be a non-empty list of {'question', 'answer'}")
-        chat = fmt.video_first_chat if template == "video_first" else fmt.lwm_chat
-        first = chat(turns[0]["question"], video, turns[0]["answer"])
-        segments = list(first.segments)
-        if video.loss:  # the chat templates give the video weight 0
-            segments = [fmt.Video(s.codes, video.loss) if isinstance(s, fmt.Video) else s for s in segments]
-        for turn in turns[1:]:
-            segments += [
-                fmt.Text(f" USER: {turn['question']} ASSISTANT:"),
-                fmt.Text(f" {turn['answer']}", 1.0),
-            ]
-        return fmt.Document(tuple(segments), bos=True, eos=True)
+        return fmt.conversation(video, [(t["question"], t["answer"]) for t in turns], template=template)
     caption = example.get("caption")
     if not isinstance(caption, str) or not caption:
         raise ValueError("a video line needs a 'caption' or 'qa'")
@@ -156,9 +147,9 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
     if has_video:
         if not cfg.vqgan:
             raise ValueError("the manifest has videos: give --vqgan (a `lvm train-vqgan` workdir)")
-        from lvm.tokenizers.train_vqgan import load_tokenizer
+        from lvm.tokenizers.vqgan import VQGANTokenizer
 
-        tokenizer = load_tokenizer(cfg.vqgan)
+        tokenizer = VQGANTokenizer.load(cfg.vqgan)
         vocab = fmt.VisionVocab(n_codes=tokenizer.cfg.codebook_size)
         chunk = tokenizer.max_frames_per_device * len(tokenizer.devices)
         decode_cfg = dataclasses.replace(cfg.decode, resolution=tokenizer.cfg.resolution, chunk_frames=chunk)

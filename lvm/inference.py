@@ -14,25 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from lvm.config import Config, MeshConfig, config_from_dict
+from lvm.checkpoint import TOKENIZERS_FILE, read_tokenizers, restore_model
+from lvm.config import Config, MeshConfig
 from lvm.generation import Generator, Sampling, generate_text, generate_vision
 from lvm.model import KVCache
 from lvm.tokenizers import format as fmt
-from lvm.trainer import TOKENIZERS_FILE
 
 GREEDY = Sampling()
 SAMPLED = Sampling(temperature=1.0, top_k=100)
-
-
-def read_tokenizers(folder: str | Path) -> dict:
-    path = Path(folder) / TOKENIZERS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 @dataclasses.dataclass
@@ -49,25 +43,13 @@ class Model:
     """A trained model ready for inference on this host's devices (sequence-parallel over all of them)."""
 
     def __init__(self, checkpoint: str | Path, *, text_tokenizer=None, vqgan=None, mesh: str | None = None):
-        import jax
-        import yaml
-
-        from lvm.sharding import make_mesh
         from lvm.tokenizers.text import SentencePieceTokenizer
-        from lvm.trainer import load_params
 
         folder = Path(checkpoint)
-        if not (folder / "config.yaml").is_file():
-            raise FileNotFoundError(
-                f"no checkpoint at {folder}: give a training workdir or an `lvm export` folder (with config.yaml)"
-            )
-        cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
         mesh_cfg = MeshConfig.parse(mesh) if mesh else MeshConfig(1, 1, 1, -1)
-        cfg = dataclasses.replace(cfg, mesh=mesh_cfg.resolve(jax.device_count()))
-        cfg.check_devices(jax.device_count())
-        self.cfg: Config = cfg
-        self.mesh = make_mesh(cfg.mesh)
-        self.params = load_params(folder, cfg, self.mesh)
+        self.cfg: Config
+        self.cfg, self.mesh, self.params = restore_model(folder, mesh_cfg)
+        cfg = self.cfg
         self.generator = Generator(self.params, cfg, self.mesh)
         paths = read_tokenizers(folder)
         text_tokenizer = text_tokenizer or paths.get("text_tokenizer")
@@ -87,9 +69,9 @@ class Model:
         if self._vqgan is None:
             if not self.vqgan_path:
                 raise FileNotFoundError("this checkpoint names no VQGAN (tokenizers.json); pass vqgan")
-            from lvm.tokenizers.train_vqgan import load_tokenizer
+            from lvm.tokenizers.vqgan import VQGANTokenizer
 
-            self._vqgan = load_tokenizer(self.vqgan_path)
+            self._vqgan = VQGANTokenizer.load(self.vqgan_path)
         return self._vqgan
 
     @property
@@ -101,14 +83,11 @@ class Model:
         return fmt.build(doc, self.codec, self.vocab)
 
     def frame_tokens(self) -> int:
-        h, w = self.vqgan.code_shape
-        return h * w + 1  # codes + <eof>/<eov>
+        return fmt.tokens_per_frame(self.vqgan.code_shape)
 
     def frames_that_fit(self, reserve: int) -> int:
         """Frames a video-first prompt can hold with `reserve` tokens left for question and answer."""
-        one = self.tokens(fmt.video_first_prefix(fmt.Video(np.zeros((1, *self.vqgan.code_shape), np.int32))))
-        overhead = len(one) - self.frame_tokens()
-        return max(0, (self.context - overhead - reserve) // self.frame_tokens())
+        return fmt.frames_that_fit(self.context, reserve, self.vqgan.code_shape, self.codec)
 
     def read_video(
         self,
@@ -222,19 +201,21 @@ class Model:
         return self.codec.decode(out[0], continuation=True).strip()
 
     def option_logprobs(self, ctx: VideoContext, question: str, options: list[str]) -> list[float]:
-        """Log-likelihood of each answer text " {option}" after the question (summed over its tokens)."""
-        answers = [self.codec.encode(f" {option}", continuation=True) for option in options]
+        """Log-likelihood of each option as the answer after the question (summed over its tokens)."""
+        answers = self._answer_tokens(options)
         logits, cache = self._ask(ctx, question, max(len(a) for a in answers))
         return [self._answer_logprob(logits, cache, a) for a in answers]
 
     def question_only_logprobs(self, question: str, options: list[str]) -> list[float]:
         """`option_logprobs` for the chat prompt without any video (a baseline: what the text alone implies)."""
-        from lvm.tokenizers.format import SYSTEM_PROMPT
-
-        rec = self.tokens(fmt.Document((fmt.Text(f"{SYSTEM_PROMPT} USER: \n{question} ASSISTANT:"),)))
-        answers = [self.codec.encode(f" {option}", continuation=True) for option in options]
+        rec = self.tokens(fmt.question_only_prompt(question))
+        answers = self._answer_tokens(options)
         text, _, cache = self.generator.prefill([(rec.tokens, rec.vision_mask)], max(len(a) for a in answers))
         return [self._answer_logprob(text[0], cache, a) for a in answers]
+
+    def _answer_tokens(self, options: list[str]) -> list[list[int]]:
+        """The tokens of each option as an answer, continuing the prompt."""
+        return [self.codec.encode(fmt.answer_text(option), continuation=True) for option in options]
 
     def _answer_logprob(self, logits: np.ndarray, cache: KVCache, answer: list[int]) -> float:
         """log p(answer | prompt) from the prompt's last logits [V] and its cache (left unchanged)."""
@@ -279,8 +260,8 @@ class Model:
     ) -> np.ndarray:
         """VQGAN codes [frames, h, w] generated from a text prompt `<s>{prompt}<vision>` (an image when frames
         is 1). With `guidance`, classifier-free guidance against the unconditional prompt `<s><vision>`."""
-        cond = self.codec.encode_pieces([prompt, fmt.VISION_START])
-        rows = [cond] + ([self.codec.encode_pieces(["", fmt.VISION_START])] if guidance is not None else [])
+        cond = self.codec.encode_pieces(fmt.video_request(prompt))
+        rows = [cond] + ([self.codec.encode_pieces(fmt.video_request(""))] if guidance is not None else [])
         per_frame = self.frame_tokens()
         self._check_length(len(cond) + frames * per_frame, f"prompt + {frames} frames")
         prompts = [(np.asarray(r), np.zeros(len(r), bool)) for r in rows]

@@ -8,9 +8,9 @@ import pytest
 
 from lvm.cli import run_command
 from lvm.demo.corpus import TEXT_CORPUS
-from lvm.tokenizers import synthetic, text, train_vqgan
+from lvm.tokenizers import synthetic, text
 from lvm.tokenizers.config import load_config as load_vqgan_config
-from lvm.tokenizers.vqgan import init_variables
+from lvm.tokenizers.vqgan import init_variables, save_model
 
 COLOURS = {"Red": (220, 30, 30), "Blue": (30, 30, 220)}
 QUESTION = "What colour is the video?"
@@ -27,12 +27,7 @@ def trained(tmp_path_factory):
     """A tiny model trained on red / blue video QA; returns (export folder, workdir, a held-out red video)."""
     root = tmp_path_factory.mktemp("qa")
     cfg = load_vqgan_config("tiny", ["model.resolution=32", "model.channel_mult=1,2,2"])  # 8x8 codes
-    train_vqgan.save_config(cfg, root / "vqgan")
-    mngr = train_vqgan._manager(root / "vqgan")
-    args = train_vqgan.ocp.args.Composite(model=train_vqgan.ocp.args.StandardSave(init_variables(cfg.model)))
-    mngr.save(0, args=args)
-    mngr.wait_until_finished()
-    mngr.close()
+    save_model(cfg, init_variables(cfg.model), root / "vqgan")
     tok = text.train(TEXT_CORPUS, 400, root / "sp")
     lines = []
     for i in range(16):

@@ -19,9 +19,9 @@ from lvm.data_pipeline.pretokenize import run as pretokenize
 from lvm.data_pipeline.shards import Corpus, ShardData
 from lvm.demo.corpus import TEXT_CORPUS
 from lvm.tokenizers import format as fmt
-from lvm.tokenizers import text, train_vqgan
+from lvm.tokenizers import text
 from lvm.tokenizers.config import load_config
-from lvm.tokenizers.vqgan import init_variables
+from lvm.tokenizers.vqgan import VQGANTokenizer, init_variables, save_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
 
@@ -35,16 +35,7 @@ def assets(tmp_path_factory):
     write_good(videos)
     make_broken(videos, videos / "small_8fps.mp4")
     cfg = load_config("tiny", ["model.resolution=32", "model.channel_mult=1,2,2"])
-    train_vqgan.save_config(cfg, root / "vqgan")
-    mngr = train_vqgan._manager(root / "vqgan")
-    mngr.save(
-        0,
-        args=train_vqgan.ocp.args.Composite(
-            model=train_vqgan.ocp.args.StandardSave(init_variables(cfg.model))
-        ),
-    )
-    mngr.wait_until_finished()
-    mngr.close()
+    save_model(cfg, init_variables(cfg.model), root / "vqgan")
     tok = text.train(TEXT_CORPUS, 400, root / "sp")
     lines = [
         {"text": "In the beginning God created the heaven and the earth."},
@@ -94,7 +85,7 @@ def test_pretokenize_records_errors_and_resume(assets, tmp_path, capsys):
 
     corpus = Corpus.open(str(out))
     assert [i for s in corpus.shards for i in s.ids] == ["0", "cap", "qa", "4", "7"]
-    vqgan = train_vqgan.load_tokenizer(root / "vqgan")
+    vqgan = VQGANTokenizer.load(root / "vqgan")
     vocab = fmt.VisionVocab(n_codes=vqgan.cfg.codebook_size)
     with Decoder(DecodeConfig(resolution=32)) as dec:
         frames, _ = dec.decode(str(root / "videos" / "small_8fps.mp4"))

@@ -67,10 +67,23 @@ def test_toy_demo_runs_every_phase_through_gcs(tmp_path):
         assert (item["start"] >= item["lights_out"]) == (item["order"] == "after"), item
 
 
-def test_a_needle_longer_than_a_held_out_video_is_refused(tmp_path):
+def test_held_out_videos_fill_their_context_and_a_longer_needle_is_refused(tmp_path):
+    """Held-out videos are as long as each stage's context holds with `room` tokens left for question and answer
+    (counted with the demo's own tokenizer); a needle longer than the shortest is refused before any video is
+    written."""
+    from lvm.tokenizers import format as fmt
+    from lvm.tokenizers.text import SentencePieceTokenizer
+
     with pytest.raises(ValueError, match="needle_frames=30 .* shortest held-out video \\(24 frames\\)"):
-        Demo(tmp_path, dataclasses.replace(TOY, needle_frames=30))
-    assert not any(tmp_path.iterdir())  # nothing written
+        Demo(tmp_path, dataclasses.replace(TOY, needle_frames=30)).data()
+    assert not (tmp_path / "videos").exists()
+    demo = Demo(tmp_path, TOY)
+    frames = demo.eval_frames()
+    assert frames == {"s1": 24, "s2": 54, "s3": 84}
+    sp = SentencePieceTokenizer(demo.text_tokenizer())
+    for s in TOY.stages:  # one more frame (4 x 4 codes and <eof>) would not leave `room` tokens
+        prefix = fmt.build(fmt.video_first_prefix(fmt.Video(np.zeros((frames[s.name], 4, 4), np.int32))), sp)
+        assert len(prefix) + TOY.room <= s.seq_len < len(prefix) + TOY.room + 17, s.name
 
 
 def test_baselines_ask_each_video_the_previous_videos_questions():

@@ -127,3 +127,24 @@ def test_needle_splice_and_text_haystack():
         assert 90 <= len(words) <= 100 and text.count("magic number is 7.") == 1
         at = words.index("magic") / len(words)
         assert abs(at - depth) < 0.1, (depth, at)
+
+
+def test_scores_by_depth_bin_and_cell():
+    from lvm.evals.scores import (
+        accuracy,
+        accuracy_by_depth_bin,
+        accuracy_table,
+        depth_bin,
+        depth_bin_labels,
+        most_likely,
+    )
+
+    assert most_likely(["a", "b", "c"], [-2.0, -1.0, -1.0]) == "b"  # the first of equal scores
+    assert [depth_bin(d, 4) for d in (0.0, 0.24, 0.25, 0.5, 0.99, 1.0)] == [0, 0, 1, 2, 3, 3]
+    assert depth_bin_labels(4) == ["0-25%", "25-50%", "50-75%", "75-100%"]
+    records = [{"length": n, "depth": d, "correct": c}
+               for n, d, c in [(8, 0.0, True), (8, 0.0, False), (8, 1.0, True), (16, 0.0, False)]]  # fmt: skip
+    assert accuracy(records) == 0.5 and np.isnan(accuracy([]))
+    assert accuracy_by_depth_bin(records, 2) == [1 / 3, 1.0]
+    table = accuracy_table(records, [8, 16], [0.0, 1.0])
+    assert table[0] == [0.5, 1.0] and table[1][0] == 0.0 and np.isnan(table[1][1])  # (16, 1.0): no records

@@ -120,7 +120,10 @@ def test_too_small_chip_reports_shortfall_and_suggestions(tmp_path, capsys):
         (["--config", "tiny", "--stage", "64k", "--devices", "8"], "has no stage '64k'"),
         ([*TINY[:-1], "4", "--set", "4k:mesh=1,2,1,4"], "uses 8 devices but 4 are available"),
         ([*TINY, "--topology", "v4:2x2x1"], "has 4 chips but --devices is 8"),
-        (["--config", "model/tiny", "--stage", "4k", "--devices", "8"], "needs exactly one --config naming a curriculum"),
+        (
+            ["--config", "model/tiny", "--stage", "4k", "--devices", "8"],
+            "needs exactly one --config naming a curriculum",
+        ),
     ],
 )
 def test_bad_requests_fail_before_compiling(argv, message):

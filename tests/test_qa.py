@@ -52,7 +52,7 @@ def test_questions_file_and_clear_errors(trained, tmp_path):  # noqa: F811
     assert out.stderr.count("video:") == 1  # encoded once for both questions
 
     missing = lvm("qa", "--checkpoint", str(tmp_path / "nope"), "--video", "x.mp4", "--question", "q")
-    assert missing.returncode == 2 and "no checkpoint at" in missing.stderr
+    assert missing.returncode == 2 and "no model at" in missing.stderr
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
     broken = lvm("qa", "--checkpoint", str(trained / "export"), "--video", str(tmp_path / "broken.mp4"),
                  "--question", QUESTION)  # fmt: skip

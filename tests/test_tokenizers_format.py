@@ -92,6 +92,82 @@ def test_video_first_questions_share_the_cached_prefix():
         assert prompt.tokens[-1] != CODEC.eos_id
 
 
+def test_later_turns_follow_the_first_in_either_template():
+    codes = np.array([[1, 2]])  # one frame: "###" is its 2 codes and <eov>
+    for template, first in (
+        ("video_first", "You are a helpful assistant. USER: <vision>###</vision>\nQ1? ASSISTANT: A1."),
+        ("lwm", "You are a helpful assistant. USER: Q1?\n<vision>###</vision> ASSISTANT: A1."),
+    ):
+        doc = fmt.conversation(fmt.Video(codes, 0.5), [("Q1?", "A1."), ("Q2?", "A2.")], template=template)
+        rec = fmt.build(doc, CODEC, VOCAB)
+        assert _render(rec) == first + " USER: Q2? ASSISTANT: A2."
+        # by hand: BOS, the first turn, then the later turn's prompt (weight 0) and answer (weight 1), EOS
+        prompt, answer = CODEC.encode(" USER: Q2? ASSISTANT:"), CODEC.encode(" A2.")
+        head = fmt.build(fmt.chat("Q1?", fmt.Video(codes, 0.5), "A1.", template=template), CODEC, VOCAB)
+        expected = [*head.tokens[:-1], *prompt, *answer, CODEC.eos_id]
+        assert rec.tokens.tolist() == expected
+        weights = [*head.loss_mask[:-1], *[0.0] * len(prompt), *[1.0] * len(answer), 1.0]
+        assert rec.loss_mask.tolist() == weights
+        assert set(rec.loss_mask[rec.vision_mask].tolist()) == {0.5}  # the video keeps its weight
+    assert fmt.later_turn("Q?", "A.", 0.5) == (fmt.Text(" USER: Q? ASSISTANT:"), fmt.Text(" A.", 0.5))
+    with pytest.raises(ValueError, match="at least one"):
+        fmt.conversation(fmt.Video(codes), [])
+
+
+def test_question_only_and_text_prompts_put_nothing_or_text_where_the_video_goes():
+    rec = fmt.build(fmt.question_only_prompt("Who?"), CODEC, VOCAB)
+    assert rec.tokens.tolist() == [1, *CODEC.encode("You are a helpful assistant. USER: \nWho? ASSISTANT:")]
+    assert not rec.vision_mask.any() and rec.loss_mask.sum() == 0
+    lwm = fmt.build(fmt.question_only_prompt("Who?", template="lwm"), CODEC, VOCAB)
+    assert lwm.tokens.tolist() == [1, *CODEC.encode("You are a helpful assistant. USER: Who?\n ASSISTANT:")]
+    text = fmt.text_chat("hay needle hay", "Where?", system="S.")
+    assert text == "S. USER: hay needle hay\nWhere? ASSISTANT:"
+    assert fmt.template_words() == "You are a helpful assistant. USER: ASSISTANT:"
+
+
+def test_tokens_per_frame_and_the_prefix_overhead_by_hand():
+    assert fmt.tokens_per_frame((2, 2)) == 5 and fmt.tokens_per_frame((16, 16)) == 257
+    rec = fmt.build(fmt.Document((fmt.Video(np.zeros((3, 2, 2), np.int32)),)), CODEC, VOCAB)
+    assert rec.vision_mask.sum() == 3 * fmt.tokens_per_frame((2, 2))
+    # one character one token: BOS, "You are a helpful assistant. USER: " (35), "<vision>" (8), "</vision>" (9)
+    assert fmt.prefix_overhead(CODEC) == 1 + 35 + 8 + 9
+    assert fmt.prefix_overhead(CODEC, system="S.") == 1 + len("S. USER: ") + 8 + 9
+    # 53 + 10 frames of 5 + 7 reserved = 110: exactly 10 frames fit 110 tokens, 9 fit 109, none fit 50
+    assert fmt.frames_that_fit(110, 7, (2, 2), CODEC) == 10
+    assert fmt.frames_that_fit(109, 7, (2, 2), CODEC) == 9
+    assert fmt.frames_that_fit(50, 7, (2, 2), CODEC) == 0
+
+
+@pytest.fixture(scope="module")
+def sp(tmp_path_factory):
+    """The demo's SentencePiece model (400 pieces): the system prompt takes many tokens, some words merge."""
+    from lvm.demo import corpus
+    from lvm.tokenizers import text
+
+    root = tmp_path_factory.mktemp("sp")
+    return text.train(corpus.tokenizer_text(root / "text.txt", lights_out=False), 400, root / "sp")
+
+
+@pytest.mark.parametrize("question", ["What colour was the shape that appeared?", "Which shape?", "x"])
+def test_prefix_overhead_is_what_a_real_prompt_spends_beside_video_and_question(sp, question):
+    for frames, shape in ((1, (4, 4)), (5, (2, 3))):
+        video = fmt.Video(np.zeros((frames, *shape), np.int32))
+        full = fmt.build(fmt.video_first_chat(question, video), sp)
+        video_tokens = int(full.vision_mask.sum())
+        assert video_tokens == frames * fmt.tokens_per_frame(shape)
+        after = sp.encode(f"\n{question} ASSISTANT:", continuation=True)  # what follows the video
+        assert fmt.prefix_overhead(sp) == len(full) - video_tokens - len(after)
+        assert full.tokens[-len(after) :].tolist() == after
+    # by hand: BOS, the system prompt and "USER: ", and <vision>, </vision> (single pieces of the tokenizer)
+    assert fmt.prefix_overhead(sp) == 1 + len(sp.encode("You are a helpful assistant. USER: ")) + 2
+    # the question-only prompt is BOS and the template's text without the video, tokenized as one piece
+    rec = fmt.build(fmt.question_only_prompt(question), sp)
+    assert rec.tokens.tolist() == [
+        sp.bos_id,
+        *sp.encode(f"You are a helpful assistant. USER: \n{question} ASSISTANT:"),
+    ]
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

@@ -14,6 +14,9 @@ record back into the document. Layout of one video of T frames (LWM-compatible):
 - A single image is a video of one frame, closed by `<eov>`.
 - `loss_mask[i]` is the weight of `tokens[i]` *as a prediction target* (the trainer shifts by one). BOS always
   has weight 0; EOS takes the weight of the last non-empty segment (0 if none).
+
+Every prompt is built here too (the chat `TEMPLATES`, later turns, question-only and text prompts), and the token
+counts that size a video to a context (`tokens_per_frame`, `prefix_overhead`, `frames_that_fit`).
 """
 
 from __future__ import annotations
@@ -274,47 +277,156 @@ def _parse_video(ids: np.ndarray, vocab: VisionVocab, frame_shape) -> np.ndarray
     return codes.reshape(len(ends), *(frame_shape or (per_frame,)))
 
 
-# Chat templates -------------------------------------------------------------------------------------------
+# Chat templates and token counts --------------------------------------------------------------------------
 
 
-def lwm_chat(
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+    """One turn around a video: `<s>{before}<vision>...</vision>{after}`, then ` {answer}</s>` when answered.
+    `before` and `after` are format strings of `system` and `question`."""
+
+    before: str
+    after: str
+
+    def texts(self, question: str, system: str = SYSTEM_PROMPT) -> tuple[str, str]:
+        """The texts before and after the video."""
+        return (
+            self.before.format(system=system, question=question),
+            self.after.format(system=system, question=question),
+        )
+
+
+TEMPLATES = {
+    # the video before the question: every question about a video shares one cacheable prefix
+    "video_first": ChatTemplate("{system} USER: ", "\n{question} ASSISTANT:"),
+    # LWM's: the question before the video
+    "lwm": ChatTemplate("{system} USER: {question}\n", " ASSISTANT:"),
+}
+
+
+def answer_text(answer: str) -> str:
+    """An answer as it follows `ASSISTANT:` (the text whose tokens are the targets, or whose likelihood is
+    scored)."""
+    return f" {answer}"
+
+
+def chat(
     question: str,
     video: Video,
     answer: str | None = None,
+    *,
+    template: str = "video_first",
     system: str = SYSTEM_PROMPT,
     answer_loss: float = 1.0,
 ) -> Document:
-    """LWM's template, question before the video:
-    `<s>{system} USER: {question}\\n<vision>...</vision> ASSISTANT: {answer}</s>`.
+    """One question about a video in `TEMPLATES[template]`, then the answer weighted `answer_loss` and EOS.
+    The video keeps its loss weight (0 by default: part of the prompt).
 
     With `answer=None` the document ends after `ASSISTANT:` (a generation prompt, no EOS).
     """
-    return _chat(f"{system} USER: {question}\n", video, " ASSISTANT:", answer, answer_loss)
+    before, after = TEMPLATES[template].texts(question, system)
+    prompt = (Text(before), video, Text(after))
+    if answer is None:
+        return Document(prompt, bos=True, eos=False)
+    return Document((*prompt, Text(answer_text(answer), answer_loss)), bos=True, eos=True)
 
 
-def video_first_chat(
-    question: str,
-    video: Video,
-    answer: str | None = None,
-    system: str = SYSTEM_PROMPT,
-    answer_loss: float = 1.0,
-) -> Document:
-    """Video before the question, so every question about a video shares one cacheable prefix:
+def lwm_chat(question: str, video: Video, answer: str | None = None, **kwargs) -> Document:
+    """`chat` in LWM's template, the question before the video:
+    `<s>{system} USER: {question}\\n<vision>...</vision> ASSISTANT: {answer}</s>`."""
+    return chat(question, video, answer, template="lwm", **kwargs)
+
+
+def video_first_chat(question: str, video: Video, answer: str | None = None, **kwargs) -> Document:
+    """`chat` in the video-first template:
     `<s>{system} USER: <vision>...</vision>\\n{question} ASSISTANT: {answer}</s>`.
 
     The tokens of `video_first_prefix(video)` are exactly the first tokens of this document for any question.
     """
-    return _chat(f"{system} USER: ", video, f"\n{question} ASSISTANT:", answer, answer_loss)
+    return chat(question, video, answer, template="video_first", **kwargs)
 
 
 def video_first_prefix(video: Video, system: str = SYSTEM_PROMPT) -> Document:
-    """The question-independent prefix of `video_first_chat` (build it once, cache its keys and values)."""
-    return _chat(f"{system} USER: ", video, "", None, 0.0)
+    """The question-independent prefix of `video_first_chat`, `<s>{system} USER: <vision>...</vision>` (build
+    it once, cache its keys and values)."""
+    before, _ = TEMPLATES["video_first"].texts("", system)
+    return Document((Text(before), video), bos=True, eos=False)
 
 
-def _chat(before: str, video: Video, after: str, answer: str | None, answer_loss: float) -> Document:
-    """`<s>{before}<vision>...</vision>{after}`, the video an untrained prompt, then ` {answer}</s>` if given."""
-    prompt = (Text(before), Video(video.codes, 0.0), *([Text(after)] if after else []))
-    if answer is None:
-        return Document(prompt, bos=True, eos=False)
-    return Document((*prompt, Text(f" {answer}", answer_loss)), bos=True, eos=True)
+def later_turn(question: str, answer: str, answer_loss: float = 1.0) -> tuple[Text, Text]:
+    """A turn after the first of a conversation, the same in every template: ` USER: {question} ASSISTANT:`,
+    then the answer weighted `answer_loss`."""
+    return Text(f" USER: {question} ASSISTANT:"), Text(answer_text(answer), answer_loss)
+
+
+def conversation(
+    video: Video,
+    turns: Sequence[tuple[str, str]],
+    *,
+    template: str = "video_first",
+    system: str = SYSTEM_PROMPT,
+    answer_loss: float = 1.0,
+) -> Document:
+    """(question, answer) turns about one video: the first in `TEMPLATES[template]` (`chat`), the others as
+    `later_turn`s, then EOS. The video keeps its loss weight."""
+    if not turns:
+        raise ValueError("a conversation needs at least one (question, answer) turn")
+    (question, answer), *later = turns
+    first = chat(question, video, answer, template=template, system=system, answer_loss=answer_loss)
+    segments = [*first.segments]
+    for question, answer in later:
+        segments += later_turn(question, answer, answer_loss)
+    return Document(tuple(segments), bos=True, eos=True)
+
+
+def text_chat(
+    context: str, question: str, *, template: str = "video_first", system: str = SYSTEM_PROMPT
+) -> str:
+    """The generation prompt of `TEMPLATES[template]` as one string, with the text `context` in the video's
+    place (e.g. a needle-in-a-haystack text), without BOS."""
+    before, after = TEMPLATES[template].texts(question, system)
+    return before + context + after
+
+
+def question_only_prompt(
+    question: str, *, template: str = "video_first", system: str = SYSTEM_PROMPT
+) -> Document:
+    """The generation prompt of `TEMPLATES[template]` without its video, for video-first
+    `<s>{system} USER: \\n{question} ASSISTANT:`: a baseline of what the question alone implies."""
+    return Document((Text(text_chat("", question, template=template, system=system)),), bos=True, eos=False)
+
+
+def video_request(prompt: str) -> list[str]:
+    """The pieces of the prompt that asks for video after a text: `<s>{prompt}<vision>` (the codec adds BOS);
+    `video_request("")` is the unconditional prompt classifier-free guidance compares against."""
+    return [prompt, VISION_START]
+
+
+def template_words(system: str = SYSTEM_PROMPT) -> str:
+    """The words every template adds (the system prompt and the role markers), for a text tokenizer's training
+    text."""
+    return f"{system} USER: ASSISTANT:"
+
+
+def tokens_per_frame(code_shape: Sequence[int]) -> int:
+    """Tokens of one frame of `code_shape` codes (e.g. (16, 16)): the codes and the `<eof>` or `<eov>` closing
+    it."""
+    return int(np.prod(code_shape)) + 1
+
+
+def prefix_overhead(codec: TextCodec, system: str = SYSTEM_PROMPT) -> int:
+    """Tokens of `video_first_prefix` besides the video's: BOS, `{system} USER: `, `<vision>` and `</vision>`.
+
+    A video-first prompt of T frames is `prefix_overhead + T * tokens_per_frame` tokens up to the question.
+    """
+    one_code = Video(np.zeros((1, 1), np.int32))
+    return len(build(video_first_prefix(one_code, system), codec)) - tokens_per_frame((1,))
+
+
+def frames_that_fit(
+    context: int, reserve: int, code_shape: Sequence[int], codec: TextCodec, system: str = SYSTEM_PROMPT
+) -> int:
+    """Frames of `code_shape` codes a video-first prompt of at most `context` tokens holds with `reserve`
+    tokens left after the video for the question and answer (0 when not even one fits)."""
+    room = context - prefix_overhead(codec, system) - reserve
+    return max(0, room // tokens_per_frame(code_shape))

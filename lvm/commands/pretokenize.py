@@ -6,6 +6,8 @@ import json
 
 
 def add_arguments(parser) -> None:
+    from lvm.tokenizers import format as fmt
+
     parser.add_argument(
         "--manifest", required=True, help="JSONL file or gs:// URI (see lvm.data_pipeline.pretokenize)"
     )
@@ -27,7 +29,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--process-count", type=int, default=1, help="processes sharing the work")
     parser.add_argument(
-        "--template", default="video_first", choices=["video_first", "lwm"], help="chat template"
+        "--template", default="video_first", choices=list(fmt.TEMPLATES), help="chat template"
     )
     parser.add_argument("--video-loss", type=float, default=0.0, help="loss weight of video tokens")
     parser.add_argument(

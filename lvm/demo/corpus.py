@@ -125,11 +125,11 @@ def write_text_manifest(folder: Path, lines_per_doc: int = 8) -> Path:
 def tokenizer_text(path: Path, lights_out: bool) -> Path:
     """SentencePiece training text: the corpus plus every question asked (the order question only with
     `lights_out`), answer and the chat template words."""
-    from lvm.tokenizers.format import SYSTEM_PROMPT
+    from lvm.tokenizers.format import template_words
 
-    extra = [SYSTEM_PROMPT + " USER: ASSISTANT:"]
+    extra = [template_words()]
     for kind in scenes.kinds(lights_out):
-        question, options = scenes.QUESTIONS[kind]
-        extra += [question, scenes.REPHRASED[kind]] + [f"{o.capitalize()}." for o in options]
+        question, _ = scenes.QUESTIONS[kind]
+        extra += [question, scenes.REPHRASED[kind], *scenes.options_text(kind)]
     path.write_text(TEXT_CORPUS.read_text() + "\n" + "\n".join(extra * 50) + "\n")
     return path

@@ -1,5 +1,5 @@
 """The demo's QA evaluation: option log-likelihood over each question's options, per stage, per needle depth,
-baselines."""
+baselines. Scores and heatmaps come from `lvm.evals`."""
 
 from __future__ import annotations
 
@@ -12,14 +12,9 @@ import numpy as np
 from tqdm import tqdm
 
 from lvm.demo import scenes
+from lvm.evals.scores import accuracy, accuracy_by_depth_bin, depth_bin_labels, most_likely
 
-
-def quarter(depth: float) -> int:
-    return min(int(depth * 4), 3)
-
-
-def accuracy(records: list[dict]) -> float:
-    return float(np.mean([r["correct"] for r in records])) if records else float("nan")
+QUARTERS = 4  # accuracy is reported per quarter of needle depth
 
 
 class Evaluator:
@@ -40,9 +35,8 @@ class Evaluator:
                 yield self.codes[item["video"]]
 
     def predict(self, model, ctx, kind: str) -> str:
-        question, _ = scenes.QUESTIONS[kind]
-        scores = model.option_logprobs(ctx, question, scenes.options_text(kind))
-        return scenes.QUESTIONS[kind][1][int(np.argmax(scores))]
+        question, options = scenes.QUESTIONS[kind]
+        return most_likely(options, model.option_logprobs(ctx, question, scenes.options_text(kind)))
 
     def run(self, model, items: list[dict], desc: str, baselines: bool = False) -> dict:
         """Accuracy over every question of every item: the four-option questions (colour, shape) make the
@@ -66,7 +60,7 @@ class Evaluator:
             "questions": len(four),
             "accuracy": accuracy(four),
             "by_kind": {k: accuracy([r for r in records if r["kind"] == k]) for k in asked},
-            "by_depth_quarter": [accuracy([r for r in four if quarter(r["depth"]) == q]) for q in range(4)],
+            "by_depth_quarter": accuracy_by_depth_bin(four, QUARTERS),
             "records": records,
         }
         if order:
@@ -79,8 +73,9 @@ class Evaluator:
             only = []
             for kind in asked:
                 question, options = scenes.QUESTIONS[kind]
-                scores = model.question_only_logprobs(question, scenes.options_text(kind))
-                guess = options[int(np.argmax(scores))]
+                guess = most_likely(
+                    options, model.question_only_logprobs(question, scenes.options_text(kind))
+                )
                 only += [{"kind": kind, "correct": guess == item[kind]} for item in items if kind in item]
             for key, rows in (("question_only", only), ("mismatched_video", mismatched)):
                 out[key] = accuracy([r for r in rows if r["kind"] in scenes.FOUR_OPTION])
@@ -89,46 +84,23 @@ class Evaluator:
         return out
 
 
-def heatmap(rows: dict[str, list[float]], path: Path, title: str) -> str:
-    """Accuracy of stage lengths (rows) x needle-depth quarters (columns) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = np.array(list(rows.values()))
-    fig, ax = plt.subplots(figsize=(5, 0.6 * len(rows) + 1.4))
-    im = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(4), ["0-25%", "25-50%", "50-75%", "75-100%"])
-    ax.set_yticks(range(len(rows)), list(rows))
-    ax.set_xlabel("needle depth in the video")
-    ax.set_ylabel("context (tokens)")
-    for (i, j), v in np.ndenumerate(data):
-        ax.text(j, i, f"{v:.2f}", ha="center", va="center")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="accuracy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
-
-
-def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
-    """Each stage's model on its own held-out set; the final model on every set (heatmap) with baselines."""
+def evaluate_stages(
+    out: Path, stages, summary: dict, sp: str, vq: str, *, room: int, fps: int, mesh: str
+) -> dict:
+    """Each stage's model (from the curriculum's `summary`) on its own held-out set under `out/videos`, the final
+    model also with baselines and on every set (the needle heatmap); the final model is exported with its
+    tokenizers `sp` and `vq`."""
     from lvm.cli import run_command
-    from lvm.demo.run import FPS
+    from lvm.evals.needle import plot_heatmap
     from lvm.inference import load_model
 
-    ev = Evaluator(demo.cfg.room, FPS)
-    stages = demo.cfg.stages
-    sets = {
-        s.name: json.loads((demo.out / "videos" / s.name / "eval" / "eval.json").read_text()) for s in stages
-    }
+    ev = Evaluator(room, fps)
+    sets = {s.name: json.loads((out / "videos" / s.name / "eval" / "eval.json").read_text()) for s in stages}
     results: dict = {"stages": {}}
     final = None
     for s in stages:
         stage_dir = summary["stages"][s.name]["workdir"]
-        model = load_model(stage_dir, mesh=demo.cfg.eval_mesh)
+        model = load_model(stage_dir, mesh=mesh)
         r = ev.run(model, sets[s.name], f"eval {s.name}", baselines=s is stages[-1])
         print(f"stage {s.name}: accuracy {r['accuracy']:.3f} on {r['questions']} held-out questions")
         results["stages"][s.name] = {
@@ -138,10 +110,16 @@ def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
         }  # fmt: skip
         final = (model, r, stage_dir)
     model, r, stage_dir = final
-    grid = {f"{s.seq_len}": ev.run(model, sets[s.name], f"heatmap {s.name}")["by_depth_quarter"]
+    rows = {f"{s.seq_len}": ev.run(model, sets[s.name], f"heatmap {s.name}")["by_depth_quarter"]
             for s in stages[:-1]}  # fmt: skip
-    grid[f"{stages[-1].seq_len}"] = r["by_depth_quarter"]
-    export = demo.out / "export"
+    rows[f"{stages[-1].seq_len}"] = r["by_depth_quarter"]
+    quarters = depth_bin_labels(QUARTERS)
+    grid = {"mode": "held-out QA", "unit": "tokens", "lengths": [int(n) for n in rows],
+            "depths": [q / QUARTERS for q in range(QUARTERS)], "accuracy": list(rows.values())}  # fmt: skip
+    heatmap = plot_heatmap(
+        grid, out / "needle_heatmap.png", "final model: held-out QA accuracy", depth_labels=quarters
+    )
+    export = out / "export"
     run_command(
         "export", ["--workdir", stage_dir, "--out", str(export), "--text-tokenizer", sp, "--vqgan", vq]
     )
@@ -161,11 +139,11 @@ def evaluate_stages(demo, summary: dict, sp: str, vq: str) -> dict:
         },
         final_accuracy=r["accuracy"],
         chance=scenes.chance(scenes.FOUR_OPTION[0]),
-        needle_grid={"rows": grid, "columns": ["0-25%", "25-50%", "50-75%", "75-100%"]},
-        heatmap=heatmap(grid, demo.out / "needle_heatmap.png", "final model: held-out QA accuracy"),
+        needle_grid={"rows": rows, "columns": quarters},
+        heatmap=str(heatmap),
         checkpoint=str(export.resolve()),
         vqgan=str(Path(vq).resolve()),
         text_tokenizer=str(Path(sp).resolve()),
     )
-    (demo.out / "eval_records.json").write_text(json.dumps(r["records"], indent=1))
+    (out / "eval_records.json").write_text(json.dumps(r["records"], indent=1))
     return results

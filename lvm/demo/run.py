@@ -1,9 +1,10 @@
 """`make demo` / `lvm demo`: the whole system on embedded defaults, on 2 CPU cores, in about 20 minutes.
 
 Phases (each skipped when its output exists, so a rerun resumes):
-  1. data        scene mp4s (one needle event each) for the VQGAN, three training sets and three held-out sets
-                 sized to the stages' contexts, and a small text corpus;
-  2. tokenizers  a SentencePiece model and the tiny VQGAN (32x32 frames -> 4x4 codes) trained on scene clips;
+  1. data        the SentencePiece model (first: the held-out videos are sized with its token counts), scene
+                 mp4s (one needle event each) for the VQGAN, three training sets and three held-out sets sized
+                 to the stages' contexts, and a small text corpus;
+  2. tokenizers  the tiny VQGAN (32x32 frames -> 4x4 codes) trained on scene clips;
   3. pretokenize every training set into token shards in a local bucket folder (or gs:// on a loopback GCS);
   4. curriculum  2K -> 4K -> ~8K tokens on 8 simulated devices (sequence parallel in the later stages);
   5. evaluate    after each stage, QA accuracy on held-out videos sized to that stage; at the final length
@@ -24,10 +25,11 @@ import time
 from pathlib import Path
 
 from lvm.demo import corpus
+from lvm.demo.evaluate import evaluate_stages
 
 FPS = 4  # native rate of the scene videos and the sampling rate (every frame is used)
-# Seconds each phase is sized for on 2 CPU cores, 1155 in all: `make demo` on a fresh machine spends about 45 s
-# more installing the package's dependencies, within 20 minutes. Each phase is reported against its budget.
+# Seconds each phase is sized for on 2 CPU cores, so that `make demo`, installing the dependencies included, takes
+# at most 20 minutes. Each phase is reported against its budget.
 PHASE_BUDGET_S = {
     "data": 65,
     "tokenizers": 105,
@@ -62,36 +64,18 @@ class DemoConfig:
         StagePlan("8k", 8704, "1,4,1,2", 4, 44, 1e6, 160, (482, 490), 50, 5e-4, warmup=4),
     )
     res: int = 32  # frame size; the tiny VQGAN makes (res / 8)^2 codes per frame
-    needle_frames: int = 48  # 12 s at 4 fps: the card is 48 x 17 = 816 of a final video's 8.6K tokens (9.5%)
+    needle_frames: int = 48  # 12 s at 4 fps, about a tenth of a final-length held-out video
     vqgan_clips: int = 48
-    vqgan_steps: int = 600  # enough for distinct card codes (a card's colours share at most 4 of 16 codes)
+    vqgan_steps: int = 600  # enough for the cards of different colours to get distinct codes
     text_weight: float = 0.05
     seed: int = 0
     room: int = 64  # tokens kept after a video for question and answer
-    # A second event (the lights go out) and a before/after question: in the same budget a 2-layer d=128 model
-    # answered the order 0.60 (chance 0.5) and colour and shape fell to 0.58 (with the earlier noisy cards), so
-    # the default leaves it out.
+    # A second event (the lights go out) and a before/after question; off by default: in the demo's budget the
+    # small model learns it poorly and answers colour and shape worse with it (README).
     lights_out: bool = False
     # Held-out scoring: the 4 heads over tp=4 and the prompt over sp=2. The 8 simulated devices share 2 cores, so
-    # a short ring is cheaper than sp=8 (an 8.7K-token prefill 0.56 -> 0.45 s).
+    # a short ring is cheaper than sp=8.
     eval_mesh: str = "1,1,4,2"
-
-    def __post_init__(self):
-        shortest = min(eval_frames(s.seq_len, self.room, self.res) for s in self.stages)
-        if not 1 <= self.needle_frames <= shortest:
-            raise ValueError(
-                f"needle_frames={self.needle_frames} must be between 1 and the shortest held-out video "
-                f"({shortest} frames); shorten the needle or lengthen the first stage"
-            )
-
-
-def frame_tokens(res: int) -> int:
-    return (res // 8) ** 2 + 1  # codes + <eof>/<eov>
-
-
-def eval_frames(seq_len: int, room: int, res: int) -> int:
-    """Frames of a held-out video that fill a context of seq_len tokens (minus the chat template and room)."""
-    return (seq_len - room - 32) // frame_tokens(res)
 
 
 class Demo:
@@ -115,20 +99,18 @@ class Demo:
 
     def data(self) -> None:
         c, v = self.cfg, self.out / "videos"
+        frames = self.eval_frames()
         corpus.write_vqgan_clips(v / "vqgan", c.vqgan_clips, 16, 8, c.res, c.seed + 1, c.lights_out)
         for k, s in enumerate(c.stages):
             corpus.write_training_set(v / s.name / "train", s.train_videos, s.train_frames, c.needle_frames, c.res,
                                       c.seed + 10 + k, FPS, c.lights_out)  # fmt: skip
-            corpus.write_eval_set(v / s.name / "eval", s.eval_videos, eval_frames(s.seq_len, c.room, c.res),
-                                  c.needle_frames, c.res, c.seed + 20 + k, FPS, c.lights_out)  # fmt: skip
+            corpus.write_eval_set(v / s.name / "eval", s.eval_videos, frames[s.name], c.needle_frames, c.res,
+                                  c.seed + 20 + k, FPS, c.lights_out)  # fmt: skip
         corpus.write_text_manifest(v / "text")
 
-    # 2. tokenizers ---------------------------------------------------------------------------------------------
-
-    def tokenizers(self) -> tuple[str, str]:
-        import jax
-
-        from lvm.tokenizers import text, train_vqgan
+    def text_tokenizer(self) -> str:
+        """The SentencePiece model's path, trained on the text corpus and the questions when it is missing."""
+        from lvm.tokenizers import text
 
         sp = self.out / "tokenizers" / "sp.model"
         if not sp.is_file():
@@ -137,14 +119,43 @@ class Demo:
                 400,
                 sp.with_suffix(""),
             )
+        return str(sp)
+
+    def eval_frames(self) -> dict[str, int]:
+        """Frames of each stage's held-out videos: as many as its context holds with `room` tokens left for the
+        question and answer, counted with the demo's tokenizers. Raises ValueError when the needle does not fit
+        the shortest (before any video is written)."""
+        from lvm.tokenizers import format as fmt
+        from lvm.tokenizers.text import SentencePieceTokenizer
+
+        codec = SentencePieceTokenizer(self.text_tokenizer())
+        code_shape = self.vqgan_config().model.code_shape
+        c = self.cfg
+        frames = {s.name: fmt.frames_that_fit(s.seq_len, c.room, code_shape, codec) for s in c.stages}
+        shortest = min(frames.values())
+        if not 1 <= c.needle_frames <= shortest:
+            raise ValueError(
+                f"needle_frames={c.needle_frames} must be between 1 and the shortest held-out video "
+                f"({shortest} frames); shorten the needle or lengthen the first stage"
+            )
+        return frames
+
+    # 2. tokenizers ---------------------------------------------------------------------------------------------
+
+    def tokenizers(self) -> tuple[str, str]:
+        import jax
+
+        from lvm.tokenizers import train_vqgan, vqgan
+
+        sp = self.text_tokenizer()
         vq = self.out / "vqgan"
-        if train_vqgan._manager(vq).latest_step() != self.cfg.vqgan_steps:
+        if vqgan.checkpoint_manager(vq).latest_step() != self.cfg.vqgan_steps:
             # on one device: 16 tiny frames a step split over 8 simulated devices on 2 cores only add overhead
             one = jax.local_devices()[:1]
             train_vqgan.train(
                 self.vqgan_config(), self.out / "videos" / "vqgan", self.cfg.vqgan_steps, vq, devices=one
             )
-        return str(sp), str(vq)
+        return sp, str(vq)
 
     def vqgan_config(self):
         """The tiny VQGAN at the demo's frame size ((res / 8)^2 codes per frame); batches mix 8 clips (2 frames
@@ -222,9 +233,8 @@ class Demo:
     # 5. evaluate -----------------------------------------------------------------------------------------------
 
     def evaluate(self, summary: dict, sp: str, vq: str) -> dict:
-        from lvm.demo.evaluate import evaluate_stages
-
-        return evaluate_stages(self, summary, sp, vq)
+        c = self.cfg
+        return evaluate_stages(self.out, c.stages, summary, sp, vq, room=c.room, fps=FPS, mesh=c.eval_mesh)
 
     # 6. qa -----------------------------------------------------------------------------------------------------
 

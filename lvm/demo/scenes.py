@@ -4,10 +4,9 @@ demo's QA corpus).
 A scene: a slowly drifting grey texture with two small grey discs wandering over it. At one moment (the needle)
 the video cuts for `needle_frames` frames to a card: a large shape (80% of the frame, centred) of one of four
 colours on a dark ground. A card is the same image (without the scene's pixel noise) wherever it appears, so the
-tiny VQGAN gives it the same codes in every video (with the noise: 2 to 44 code patterns per card, depending on
-the VQGAN's training run). A shape drawn over the moving texture instead gets codes that vary with the texture
-(at 4 x 4 codes per frame every code sees the whole frame), which a small language model cannot learn from in
-the demo's budget.
+tiny VQGAN gives it the same codes in every video (pixel noise would spread a card over many code patterns). A
+shape drawn over the moving texture instead gets codes that vary with the texture (at 4 x 4 codes per frame every
+code sees the whole frame), which a small language model cannot learn from in the demo's budget.
 Questions ask which colour and which shape the needle had (four options, one per colour / shape).
 Optionally a second event: at some frame the lights go out (the scene darkens and stays dark, and a card shown
 after that has a dark ground instead of a lit grey one: the shape glows), a few frames before the needle or a few

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lvm.tokenizers.format import SYSTEM_PROMPT
+from lvm.evals.scores import accuracy, accuracy_table, most_likely
+from lvm.tokenizers import format as fmt
 
 # LWM's needle filler (after Paul Graham's essays, a repetitive text that holds no numbers).
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 TEXT_QUESTION = "What is the magic number?"
-TEXT_TEMPLATE = SYSTEM_PROMPT + " USER: {haystack}\n{question} ASSISTANT:"
 
 
 def sentences(text: str) -> list[str]:
@@ -66,7 +66,7 @@ def text_needle_grid(
 ) -> dict:
     """Accuracy of finding "The magic number is N." in `lengths` tokens of filler at each depth (`trials`
     random numbers per cell)."""
-    overhead = len(model.codec.encode(TEXT_TEMPLATE.format(haystack="", question=TEXT_QUESTION))) + 1
+    overhead = len(fmt.build(fmt.question_only_prompt(TEXT_QUESTION), model.codec))  # all but the haystack
     longest = model.context - overhead - max_new_tokens
     if max(lengths) > longest:
         raise ValueError(
@@ -84,7 +84,7 @@ def text_needle_grid(
                 haystack = text_haystack(
                     model.codec, filler_sentences, length, depth, f"The magic number is {number}."
                 )
-                prompt = TEXT_TEMPLATE.format(haystack=haystack, question=TEXT_QUESTION)
+                prompt = fmt.text_chat(haystack, TEXT_QUESTION)
                 answer = model.generate_text(prompt, max_new_tokens=max_new_tokens).strip()
                 cells.append(
                     {"length": length, "depth": depth, "expected": number, "answer": answer,
@@ -131,9 +131,8 @@ def video_needle_grid(
     frames of haystack at each depth; with `options`, also by option log-likelihood (answer must be one)."""
     if options is not None and answer not in options:
         raise ValueError(f"the expected answer {answer!r} is not one of the options {options}")
-    answer_tokens = max(
-        [max_new_tokens, *(len(model.codec.encode(f" {o}", continuation=True)) for o in options or [])]
-    )
+    option_tokens = [len(model.codec.encode(fmt.answer_text(o), continuation=True)) for o in options or []]
+    answer_tokens = max([max_new_tokens, *option_tokens])
     room = len(model.codec.encode(question)) + answer_tokens + 16
     fit = model.frames_that_fit(room)
     if max(lengths) > fit:
@@ -151,7 +150,7 @@ def video_needle_grid(
                     "correct": answer.lower() in generated.lower()}  # fmt: skip
             if options is not None:
                 scores = model.option_logprobs(ctx, question, options)
-                choice = options[int(np.argmax(scores))]
+                choice = most_likely(options, scores)
                 cell.update(option_scores=scores, option_choice=choice, option_correct=choice == answer)
             cells.append(cell)
             bar.update()
@@ -161,18 +160,11 @@ def video_needle_grid(
 
 def _grid(mode: str, unit: str, lengths, depths, cells: list[dict], **extra) -> dict:
     """Accuracy tables [len(lengths), len(depths)] (mean over each cell's trials) and the cells themselves."""
-
-    def table(key: str) -> list[list[float]]:
-        return [
-            [float(np.mean([c[key] for c in cells if c["length"] == n and c["depth"] == d])) for d in depths]
-            for n in lengths
-        ]
-
     out = {"mode": mode, "unit": unit, "lengths": list(lengths), "depths": list(depths), **extra}
-    out["accuracy"] = table("correct")
-    out["mean_accuracy"] = float(np.mean([c["correct"] for c in cells]))
+    out["accuracy"] = accuracy_table(cells, lengths, depths)
+    out["mean_accuracy"] = accuracy(cells)
     if cells and "option_correct" in cells[0]:
-        out["option_accuracy"] = table("option_correct")
+        out["option_accuracy"] = accuracy_table(cells, lengths, depths, "option_correct")
     out["cells"] = cells
     return out
 
@@ -185,8 +177,15 @@ def procedural_frames(n: int, resolution: int, rgb: tuple[int, int, int] | None 
     return np.clip(base + noise, 0, 255).astype(np.uint8)
 
 
-def plot_heatmap(grid: dict, path: str | Path, title: str | None = None, key: str = "accuracy") -> Path:
-    """A depth x length heatmap of `grid[key]` (green = found, red = missed) written as PNG."""
+def plot_heatmap(
+    grid: dict,
+    path: str | Path,
+    title: str | None = None,
+    key: str = "accuracy",
+    depth_labels: list[str] | None = None,
+) -> Path:
+    """A depth x length heatmap of `grid[key]` (green = found, red = missed) written as PNG; the depths are
+    labelled as percentages unless `depth_labels` names them (e.g. depth bins)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,7 +195,7 @@ def plot_heatmap(grid: dict, path: str | Path, title: str | None = None, key: st
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.9 * acc.shape[1]), max(2.5, 1.0 + 0.5 * acc.shape[0])))
     im = ax.imshow(acc, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
-    ax.set_yticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
+    ax.set_yticks(range(len(grid["depths"])), depth_labels or [f"{d:.0%}" for d in grid["depths"]])
     ax.set_xlabel(f"context length ({grid['unit']})")
     ax.set_ylabel("needle depth")
     ax.set_title(title or f"needle ({grid['mode']}): {key}", fontsize=10)

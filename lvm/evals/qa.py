@@ -23,6 +23,9 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from lvm.evals.scores import accuracy, most_likely
+from lvm.tokenizers import format as fmt
+
 LETTERS = "ABCDEFGHIJ"
 REQUIRED = ("videoID", "question", "options", "answer")
 GROUPS = ("duration", "task_type", "domain")  # the report's per-group accuracies
@@ -88,7 +91,7 @@ def aggregate(records: list[dict], groups: Iterable[str] = GROUPS) -> dict:
 
     def summary(rs: list[dict]) -> dict:
         out = {"count": len(rs), "chance": sum(1 / r["n_options"] for r in rs) / len(rs)}
-        out.update({m: sum(bool(r[f"{m}_correct"]) for r in rs) / len(rs) for m in METHODS})
+        out.update({m: accuracy(rs, f"{m}_correct") for m in METHODS})
         return out
 
     report = {"overall": summary(records)}
@@ -106,7 +109,7 @@ def _room(model, questions: list[dict], max_new_tokens: int) -> int:
     for q in questions:
         n_letter = len(model.codec.encode(letter_prompt(q["question"], q["options"]))) + max_new_tokens
         n_option = len(model.codec.encode(q["question"])) + max(
-            len(model.codec.encode(f" {option_text(o)}")) for o in q["options"]
+            len(model.codec.encode(fmt.answer_text(option_text(o)))) for o in q["options"]
         )
         need = max(need, n_letter, n_option)
     return need + 16  # the chat template's " ASSISTANT:" and tokenization slack
@@ -149,7 +152,7 @@ def score_question(model, ctx, item: dict, max_new_tokens: int = 8) -> dict:
     """One question's record: both methods' choices and whether they are right."""
     options, answer = item["options"], str(item["answer"]).strip()
     scores = model.option_logprobs(ctx, item["question"], [option_text(o) for o in options])
-    loglik = LETTERS[max(range(len(options)), key=scores.__getitem__)]
+    loglik = most_likely(LETTERS[: len(options)], scores)
     generated = model.answer(ctx, letter_prompt(item["question"], options), max_new_tokens=max_new_tokens)
     letter = parse_letter(generated, len(options))
     record = {k: item.get(k) for k in ("question_id", "videoID", "duration", "domain", "task_type")}
