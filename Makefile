@@ -7,7 +7,7 @@ CORE_STAMP := $(VENV)/.installed-core
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 
-.PHONY: venv test lint format demo bench clean
+.PHONY: venv test test-fast lint format demo bench clean
 
 # The demo needs only the package's own dependencies (at the lock's versions) and the loopback GCS server for
 # `--gcs`; the tests add the rest of the lock (TensorFlow, torch, transformers, pytest, ruff), about a minute of
@@ -34,7 +34,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/pytest -n 2 --dist loadgroup tests
+	$(BIN)/pytest -n 2 --dist loadgroup --durations=15 tests
+
+# A quick local loop: everything but the tests marked `slow` (end-to-end runs, subprocess trainings, big compiles).
+test-fast: lint
+	$(BIN)/pytest -n 2 --dist loadgroup -m "not slow" tests
 
 demo: $(CORE_STAMP)
 	$(BIN)/lvm demo --out runs/demo

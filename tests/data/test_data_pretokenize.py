@@ -8,7 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-from gcs_server import gcs_server  # noqa: F401  (fixture)
 from test_data_decode import make_broken, write_good
 
 from lvm import cli
@@ -111,7 +110,7 @@ def test_pretokenize_records_errors_and_resume(assets, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pretokenize_gcs_in_and_out_over_two_processes(assets, gcs_server, tmp_path):  # noqa: F811
+def test_pretokenize_gcs_in_and_out_over_two_processes(assets, gcs_server, tmp_path):
     root, manifest, tok = assets
     for name in os.listdir(root / "videos"):
         storage.write_bytes(f"gs://test/pt/videos/{name}", (root / "videos" / name).read_bytes())

@@ -15,9 +15,12 @@ from lvm import cpu_devices
 from lvm.config import config_from_dict
 from lvm.metrics import read_jsonl
 
-pytestmark = pytest.mark.xdist_group("training_runs")  # subprocess-heavy: one worker runs them in turn
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.xdist_group("training_runs"),
+]  # subprocess-heavy: one worker in turn
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV = cpu_devices.cpu_env(8)  # JAX_COMPILATION_CACHE_DIR etc. come from conftest.py's settings
 TRAIN = ["--config", "tiny", "--stage", "1k", "--no-progress"]
 SETS = ["train.steps=12", "train.checkpoint_every=2", "train.keep_checkpoints=3", "train.seq_len=512"]

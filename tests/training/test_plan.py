@@ -98,6 +98,7 @@ def test_fallback_says_so_and_allocates_no_weights(planned):
     assert grown < report["bytes_per_device"]["params"]  # nothing parameter-sized was materialised
 
 
+@pytest.mark.slow
 def test_too_small_chip_reports_shortfall_and_suggestions(tmp_path, capsys):
     out = tmp_path / "plan.json"
     run_command("plan", [*TINY, "--backend", "cpu", "--chip-memory", "0.0001", "--out", str(out)])

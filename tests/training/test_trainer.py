@@ -98,6 +98,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_validation_buckets_match_a_dense_reference():
     cfg = load_config(["model/tiny"], ["mesh=1,2,1,4", "attention.q_chunk=16", "attention.kv_chunk=16"])
     mesh = make_mesh((1, 2, 1, 4))
@@ -167,6 +168,7 @@ def test_run_records_resumes_and_compiles_the_step_once(tmp_path):
     assert len(val["buckets"]) == 4 and all(b["loss"] > 0 for b in val["buckets"])
 
 
+@pytest.mark.slow
 def test_restore_onto_another_mesh_gives_the_same_loss(tmp_path):
     cfg = stage_cfg("train.steps=2", "train.checkpoint_every=2")
     train(cfg, tmp_path, progress=False)

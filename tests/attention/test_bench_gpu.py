@@ -21,7 +21,7 @@ from lvm.bench.gpu import attention as gpu_attention
 from lvm.bench.gpu import budget, max_context, measure, report, step, targets
 from lvm.bench.gpu.settings import FULL, GRAD_TOLERANCE, IMPLS, SECTIONS
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
 

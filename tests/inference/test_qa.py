@@ -9,13 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from qa_assets import QUESTION, trained  # noqa: F401  (fixture)
 
 from lvm.inference import GREEDY, load_model
 from lvm.tokenizers import format as fmt
 
-pytestmark = [pytest.mark.xdist_group("qa"), pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")]
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = [
+    pytest.mark.slow,  # every test trains the tiny red/blue model first (the `trained` fixture)
+    pytest.mark.xdist_group("qa"),
+    pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning"),
+]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def lvm(*args):
@@ -30,19 +33,19 @@ def lvm(*args):
     )
 
 
-def test_qa_answers_about_a_real_mp4(trained):  # noqa: F811
+def test_qa_answers_about_a_real_mp4(trained, question):
     for colour in ("red", "blue"):
         out = lvm("qa", "--checkpoint", str(trained / "export"), "--video", str(trained / f"held_out_{colour}.mp4"),
-                  "--question", QUESTION, "--max-new-tokens", "8")  # fmt: skip
+                  "--question", question, "--max-new-tokens", "8")  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
         assert out.stdout.strip().splitlines()[-1] == f"{colour.capitalize()}.", out.stdout
         assert "frames" in out.stderr  # the video's size and the streamed answer go to stderr
 
 
-def test_questions_file_and_clear_errors(trained, tmp_path):  # noqa: F811
+def test_questions_file_and_clear_errors(trained, tmp_path, question):
     questions = tmp_path / "q.jsonl"
     questions.write_text(
-        json.dumps({"question": QUESTION}) + "\n" + json.dumps({"question": QUESTION}) + "\n"
+        json.dumps({"question": question}) + "\n" + json.dumps({"question": question}) + "\n"
     )
     out = lvm("qa", "--checkpoint", str(trained / "export"), "--video", str(trained / "held_out_blue.mp4"),
               "--questions", str(questions), "--max-new-tokens", "8")  # fmt: skip
@@ -55,7 +58,7 @@ def test_questions_file_and_clear_errors(trained, tmp_path):  # noqa: F811
     assert missing.returncode == 2 and "no model at" in missing.stderr
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
     broken = lvm("qa", "--checkpoint", str(trained / "export"), "--video", str(tmp_path / "broken.mp4"),
-                 "--question", QUESTION)  # fmt: skip
+                 "--question", question)  # fmt: skip
     assert broken.returncode == 2 and "broken.mp4" in broken.stderr and "Traceback" not in broken.stderr
     too_long = lvm(
         "qa",
@@ -64,7 +67,7 @@ def test_questions_file_and_clear_errors(trained, tmp_path):  # noqa: F811
         "--video",
         str(trained / "held_out_red.mp4"),
         "--question",
-        QUESTION,
+        question,
         "--fps",
         "4",
     )  # 6 frames x 65 tokens > the 256-token context
@@ -72,7 +75,7 @@ def test_questions_file_and_clear_errors(trained, tmp_path):  # noqa: F811
     assert "context is 256" in too_long.stderr and "--max-frames" in too_long.stderr
 
 
-def test_default_frames_fill_the_context_and_options_score_by_likelihood(trained):  # noqa: F811
+def test_default_frames_fill_the_context_and_options_score_by_likelihood(trained, question):
     model = load_model(trained / "export")
     room = 64
     n = model.frames_that_fit(room)
@@ -81,17 +84,17 @@ def test_default_frames_fill_the_context_and_options_score_by_likelihood(trained
     codes = model.read_video(str(trained / "held_out_red.mp4"), reserve=room)
     assert len(codes) == min(n, 6)  # as many as fit (the video has 6 frames)
     ctx = model.video_context(codes[:2], room)
-    red, blue = model.option_logprobs(ctx, QUESTION, ["Red.", "Blue."])
+    red, blue = model.option_logprobs(ctx, question, ["Red.", "Blue."])
     assert red > blue
     # the prefix cache is reused: asking twice gives the same answer, the cache is unchanged
     assert (
-        model.answer(ctx, QUESTION, max_new_tokens=8)
-        == model.answer(ctx, QUESTION, max_new_tokens=8)
+        model.answer(ctx, question, max_new_tokens=8)
+        == model.answer(ctx, question, max_new_tokens=8)
         == "Red."
     )
 
 
-def test_read_videos_match_one_at_a_time_and_name_a_bad_file(trained, tmp_path):  # noqa: F811
+def test_read_videos_match_one_at_a_time_and_name_a_bad_file(trained, tmp_path):
     from lvm.data_pipeline.decode import DecodeConfig, Decoder
 
     model = load_model(trained / "export")
@@ -109,7 +112,7 @@ def test_read_videos_match_one_at_a_time_and_name_a_bad_file(trained, tmp_path):
         next(videos)
 
 
-def test_generate_writes_an_image_and_guidance_follows_the_prompt(trained, tmp_path):  # noqa: F811
+def test_generate_writes_an_image_and_guidance_follows_the_prompt(trained, tmp_path):
     out = lvm("generate", "--checkpoint", str(trained / "export"), "--prompt", "a red video",
               "--output", str(tmp_path / "red.png"), "--temperature", "1", "--top-k", "20")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,8 +10,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import make_mesh
-from gcs_server import FaultProxy, gcs_server  # noqa: F401  (fixture)
+from conftest import FaultProxy, make_mesh
 
 from lvm import cpu_devices
 from lvm.batch import DTYPES, Batch
@@ -298,7 +297,7 @@ def test_two_processes_load_the_single_process_stream(corpora, tmp_path):
 
 
 @pytest.mark.slow
-def test_gcs_epoch_survives_5xx_and_server_restart(corpora, gcs_server, tmp_path):  # noqa: F811
+def test_gcs_epoch_survives_5xx_and_server_restart(corpora, gcs_server, tmp_path):
     root, records, _ = corpora
     local = [host(b) for b in loader(make_mesh((1, 1, 1, 1)), root / "a", epochs=1)]
     uri = "gs://test/corpus-a"

@@ -26,6 +26,7 @@ TOY = DemoConfig(
 )
 
 
+@pytest.mark.slow
 def test_toy_demo_runs_every_phase_through_gcs(tmp_path):
     results = Demo(tmp_path, TOY, gcs=True).run()
     summary = json.loads((tmp_path / "summary.json").read_text())

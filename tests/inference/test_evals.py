@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-from qa_assets import QUESTION, trained  # noqa: F401  (fixture)
 
 from lvm.cli import run_command
 from lvm.evals import needle
@@ -15,7 +14,8 @@ from lvm.evals.qa import aggregate, letter_prompt, option_text, parse_letter, re
 pytestmark = [pytest.mark.xdist_group("qa"), pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")]
 
 
-def test_eval_qa_scores_videomme_questions_per_group(trained, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_eval_qa_scores_videomme_questions_per_group(trained, tmp_path, question):
     videos = tmp_path / "videos"
     videos.mkdir()
     lines = []
@@ -28,7 +28,7 @@ def test_eval_qa_scores_videomme_questions_per_group(trained, tmp_path):  # noqa
         options = ["A. Red.", "B. Blue."] if i % 2 == 0 else ["A. Blue.", "B. Red."]  # answer letters vary
         answer = "AB"[[option_text(o) for o in options].index(f"{colour}.")]
         lines.append({"videoID": f"vid{i}", "duration": duration, "domain": "synthetic", "task_type": task,
-                      "question_id": f"q{i}", "question": QUESTION, "options": options, "answer": answer})  # fmt: skip
+                      "question_id": f"q{i}", "question": question, "options": options, "answer": answer})  # fmt: skip
     lines.append({**lines[0], "question_id": "q0-again"})  # a second question on one video reuses its context
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -48,11 +48,12 @@ def test_eval_qa_scores_videomme_questions_per_group(trained, tmp_path):  # noqa
     assert all(r["frames"] >= 1 and isinstance(r["generated"], str) for r in report["records"])
 
 
-def test_eval_needle_writes_grids_and_heatmaps_in_both_modes(trained, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_eval_needle_writes_grids_and_heatmaps_in_both_modes(trained, tmp_path, question):
     ckpt = ["--checkpoint", str(trained / "export"), "--depths", "0", "1", "--no-progress"]
     assert run_command("eval-needle", [*ckpt, "--out", str(tmp_path), "--mode", "text", "--lengths", "40", "120",
                                        "--max-new-tokens", "4"]) == 0  # fmt: skip
-    video_args = ["--mode", "video", "--lengths", "2", "--question", QUESTION, "--answer", "Red.",
+    video_args = ["--mode", "video", "--lengths", "2", "--question", question, "--answer", "Red.",
                   "--options", "Red.", "Blue.", "--needle-video", str(trained / "held_out_red.mp4"),
                   "--haystack-video", str(trained / "held_out_blue.mp4"), "--max-new-tokens", "4"]  # fmt: skip
     assert run_command("eval-needle", [*ckpt, "--out", str(tmp_path), *video_args]) == 0

@@ -19,7 +19,6 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import TORCH_AVAILABLE
-from gcs_server import gcs_server  # noqa: F401  (fixture)
 
 from lvm import cli
 from lvm.cli import run_command
@@ -27,7 +26,7 @@ from lvm.interop import lwm, safe_pickle, tux_stream
 
 D, L, V, F, VV, HEADS, HD = 64, 2, 320, 96, 64, 4, 16
 THETA = 10000.0
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "lwm_params.json"
+MANIFEST = Path(__file__).resolve().parents[3] / "shared" / "lwm_params.json"
 
 
 def lwm_vqgan_shapes(
@@ -381,7 +380,8 @@ def small_tokenizer(folder):
     return text.train(corpus, V, Path(folder) / "sp").model_file
 
 
-def test_convert_lwm_command_from_gcs_gives_a_folder_qa_loads(gcs_server, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.slow
+def test_convert_lwm_command_from_gcs_gives_a_folder_qa_loads(gcs_server, tmp_path, monkeypatch):
     from lvm.data_pipeline import storage
     from lvm.inference import load_model
 
@@ -614,6 +614,7 @@ with torch.no_grad():
     not TORCH_AVAILABLE or importlib.util.find_spec("transformers") is None,
     reason="needs torch + transformers",
 )
+@pytest.mark.slow
 def test_export_hf_logits_match_transformers(tmp_path, monkeypatch):
     # torch runs in a subprocess only: conftest keeps it out of the test workers (see there)
     tree = lwm_llama(7, stacked=True, vision=True)
@@ -634,6 +635,7 @@ def test_export_hf_logits_match_transformers(tmp_path, monkeypatch):
     np.testing.assert_allclose(theirs["vision"], ours_vision, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_conversion_memory_stays_near_one_chunk(tmp_path):
     from lvm.bench.convert import measure
 

@@ -163,6 +163,7 @@ def reference_loss(logits, batch):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", [(1, 2, 1, 4), (2, 1, 2, 2)], ids=["fsdp2-sp4", "dp2-tp2-sp2"])
 def test_sharded_model_equals_single_device(mesh_shape):
     """Logits, loss and every parameter gradient with the sequence over sp (zigzag) and parameters over
@@ -267,6 +268,7 @@ def test_train_step_memory_per_device_shrinks_with_sp():
     assert eight <= one / 5, f"sp=8: {eight / 2**20:.1f} MiB per device vs sp=1: {one / 2**20:.1f} MiB"
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_fixed_batch_with_sequence_parallelism():
     cfg = load_config(["model/tiny"], ["mesh=1,2,1,4"])  # chunk sizes derived from the 32-token blocks
     mesh = make_mesh((1, 2, 1, 4))
@@ -285,6 +287,7 @@ def test_tiny_model_overfits_a_fixed_batch_with_sequence_parallelism():
     assert losses[0] > 3.0 and losses[-1] < 0.1, losses[::10]
 
 
+@pytest.mark.slow
 def test_train_step_with_fused_attention_equals_xla_kernel():
     """The model's loss, gradients and one AdamW update with the fused (Pallas, interpreted) attention kernel
     equal those with the XLA blockwise kernel (sp=2 zigzag over 512-token blocks, tp=2, packed documents).

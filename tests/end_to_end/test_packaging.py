@@ -5,7 +5,7 @@ import subprocess
 import sys
 import zipfile
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_hf_tokenizers_and_ours_coexist(tmp_path):

@@ -94,6 +94,7 @@ def test_sharded_prefill_equals_unsharded_prefill():
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_greedy_cached_generation_picks_the_tokens_of_full_recomputation():
     from lvm.generation import Generator, generate_text
 

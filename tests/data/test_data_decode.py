@@ -7,7 +7,6 @@ import subprocess
 import imageio_ffmpeg
 import numpy as np
 import pytest
-from gcs_server import gcs_server  # noqa: F401  (fixture)
 
 from lvm.data_pipeline import storage
 from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder, frame_indices
@@ -118,7 +117,7 @@ def test_broken_files_give_reasons(videos):
         assert len(frames) == 2
 
 
-def test_gcs_video_goes_through_bounded_cache(videos, gcs_server, tmp_path):  # noqa: F811
+def test_gcs_video_goes_through_bounded_cache(videos, gcs_server, tmp_path):
     uri = "gs://test/videos/wide_24fps.mp4"
     storage.write_bytes(uri, (videos / "wide_24fps.mp4").read_bytes())
     cache = storage.FileCache(str(tmp_path / "cache"), max_bytes=1 << 20)
@@ -168,7 +167,7 @@ def test_next_video_is_decoded_ahead_and_every_detour_still_gives_the_right_fram
         np.testing.assert_array_equal(_frames(dec, path(a)), expected[a])
 
 
-def test_queued_gcs_videos_leave_nothing_in_the_cache(videos, gcs_server, tmp_path):  # noqa: F811
+def test_queued_gcs_videos_leave_nothing_in_the_cache(videos, gcs_server, tmp_path):
     names = list(GOOD)
     for name in names:
         storage.write_bytes(f"gs://test/q/{name}", (videos / name).read_bytes())
