@@ -22,8 +22,6 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import yaml
-
 from lvm import schema
 from lvm.config import CONFIG_DIR, Config, ConfigError, load_config
 
@@ -64,7 +62,7 @@ def resolve_curriculum_path(name: str | Path) -> Path:
 def load_curriculum(name: str | Path, overrides: Sequence[str] = ()) -> Curriculum:
     """Load and validate every stage of a curriculum file."""
     path = resolve_curriculum_path(name)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = schema.parse_yaml(path) or {}
     if not isinstance(data, Mapping) or not isinstance(data.get("stages"), list) or not data["stages"]:
         raise ConfigError(f"{path}: a curriculum file needs a non-empty list `stages` (see lvm.curriculum)")
     unknown = set(data) - set(KEYS)
@@ -72,7 +70,7 @@ def load_curriculum(name: str | Path, overrides: Sequence[str] = ()) -> Curricul
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; valid: {', '.join(KEYS)}")
     base: dict = {}
     for inc in data.get("include") or []:
-        base = schema.merge(base, yaml.safe_load(schema.resolve_path(inc, CONFIG_DIR).read_text()) or {})
+        base = schema.merge(base, schema.read_yaml(Config, schema.resolve_path(inc, CONFIG_DIR)))
     base = schema.merge(base, data.get("defaults") or {})
     names = [s.get("name") if isinstance(s, Mapping) else None for s in data["stages"]]
     if any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
@@ -110,7 +108,7 @@ def resolve_config(
     if len(configs) == 1:
         try:
             path = resolve_curriculum_path(configs[0])
-            if "stages" in (yaml.safe_load(path.read_text()) or {}):
+            if "stages" in (schema.parse_yaml(path) or {}):
                 curriculum_path = path
         except FileNotFoundError:
             pass

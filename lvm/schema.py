@@ -162,11 +162,32 @@ def load(root: type, files: Sequence[str | Path], overrides: Sequence[str], conf
     data: dict = {}
     for name in files:
         path = resolve_path(name, config_dir)
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: a config file must map section names to mappings")
-        data = merge(data, loaded)
+        data = merge(data, read_yaml(root, path))
     return load_data(root, data, overrides)
+
+
+def parse_yaml(path: Path) -> Any:
+    """A YAML file's content; a syntax error names the file."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+
+
+def read_yaml(root: type, path: Path) -> dict:
+    """One config file's sections, its syntax and key names checked (errors name the file)."""
+    loaded = parse_yaml(path) or {}
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{path}: a config file must map section names to mappings")
+    sections = _sections(root)
+    for name, values in loaded.items():
+        if name not in sections:
+            raise ConfigError(f"{path}: {_unknown(name, list(sections))}")
+        fields = [f.name for f in dataclasses.fields(sections[name])]
+        for key in values if isinstance(values, Mapping) else ():
+            if key not in fields:
+                raise ConfigError(f"{path}: {_unknown(f'{name}.{key}', [f'{name}.{f}' for f in fields])}")
+    return dict(loaded)
 
 
 def load_data(root: type, data: Mapping[str, Any], overrides: Sequence[str] = ()):

@@ -127,6 +127,23 @@ def _text_tensors(params: dict, m) -> Iterator[tuple]:
     yield "lm_head.weight", (m.text_vocab_size, d), dtype, lambda: np.asarray(params["lm_head"]).T
 
 
+def tokenizer_config(model_file: str, max_length: int) -> dict:
+    """Hugging Face's LlamaTokenizer settings for a SentencePiece model: BOS first, as the model was trained."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    return {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": sp.id_to_piece(sp.bos_id()),
+        "eos_token": sp.id_to_piece(sp.eos_id()),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "model_max_length": max_length,
+        "legacy": False,
+    }
+
+
 def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     """Write `out` (config.json, model.safetensors, vision.safetensors) from an `lvm export`/`convert-lwm`
     folder or a training workdir. Returns the written paths."""
@@ -161,5 +178,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> dict:
     tokenizer = checkpoints.read_tokenizers(checkpoint).get("text_tokenizer")
     if tokenizer and Path(tokenizer).is_file():
         shutil.copyfile(tokenizer, out / "tokenizer.model")
+        (out / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(tokenizer, cfg.train.seq_len), indent=1)
+        )
         written["tokenizer"] = str(out / "tokenizer.model")
     return written

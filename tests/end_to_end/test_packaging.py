@@ -1,5 +1,6 @@
 """The project installs under the `lvm` namespace and never shadows Hugging Face's `tokenizers`."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -19,6 +20,20 @@ def test_hf_tokenizers_and_ours_coexist(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert pathlib.Path(out.stdout.strip()) == ROOT / "tokenizers" / "__init__.py"
+
+
+def test_python_started_in_the_repository_root_gets_hf_tokenizers():
+    """`python -c` in the checkout puts the repository root (with this project's `tokenizers/`) first on sys.path;
+    Hugging Face's package must still be the one `import tokenizers` and `transformers` get."""
+    code = (
+        "import tokenizers\n"
+        "assert 'site-packages' in tokenizers.__file__ and hasattr(tokenizers, 'Tokenizer'), tokenizers.__file__\n"
+        "from transformers import AutoTokenizer\n"
+        "import lvm.tokenizers.format\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_wheel_has_no_top_level_tokenizers(tmp_path):

@@ -643,3 +643,31 @@ def test_conversion_memory_stays_near_one_chunk(tmp_path):
     # ~490 MB of arrays whose largest zarr chunk is 32 MB: the converter's growth tracks the chunk, not the file.
     assert result["array_bytes"] > 450e6
     assert result["peak_rss_growth_bytes"] < 0.35 * result["array_bytes"], result
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_export_hf_tokenizer_adds_bos_as_the_model_expects(tmp_path, monkeypatch):
+    from lvm.tokenizers import text
+
+    words = "in the beginning god created heaven and earth light was good day night evening morning".split()
+    rng = np.random.default_rng(0)
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(2000)))
+    tok = text.train(tmp_path / "corpus.txt", 300, tmp_path / "sp")  # byte fallback: 256 + chars; fits 320 ids
+    write_tux(tmp_path / "params", lwm_llama(3, stacked=True, vision=False), monkeypatch=monkeypatch)
+    lwm.convert_lwm(str(tmp_path / "params"), tmp_path / "ckpt", text_tokenizer=tok.model_file, head_dim=HD,
+                    rope_theta=THETA, seq_len=64, log=lambda *_: None)  # fmt: skip
+    assert (
+        run_command("export-hf", ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]) == 0
+    )
+    sentence = "in the beginning god created the heaven and the earth"
+    code = (
+        "import sys, json, transformers\n"
+        "t = transformers.AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "print(json.dumps(t(sys.argv[2])['input_ids']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "hf"), sentence], cwd=tmp_path,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert theirs == tok.encode_pieces([sentence])  # BOS first, then the same pieces as training used
+    assert theirs[0] == tok.bos_id

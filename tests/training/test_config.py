@@ -16,6 +16,7 @@ from lvm.config import (
     config_to_dict,
     load_config,
 )
+from lvm.curriculum import load_curriculum, resolve_config
 from lvm.model import param_count
 from lvm.sharding import logical_spec
 from lvm.sharding import make_mesh as mesh_from_config
@@ -98,6 +99,25 @@ def test_bad_values_fail_at_load_naming_the_fix(overrides, message):
         load_config(["model/tiny"], overrides)
 
 
+def test_a_typo_or_bad_yaml_in_a_users_file_names_the_file(tmp_path):
+    (tmp_path / "typo.yaml").write_text("train:\n  stpes: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"typo\.yaml: unknown config key 'train.stpes'; did you mean 'train.steps'"
+    ):
+        load_config(["model/tiny", tmp_path / "typo.yaml"])
+    (tmp_path / "section.yaml").write_text("trian: {steps: 3}\n")
+    with pytest.raises(ConfigError, match=r"section\.yaml: unknown config key 'trian'; did you mean 'train'"):
+        load_config(["model/tiny", tmp_path / "section.yaml"])
+    (tmp_path / "broken.yaml").write_text("train:\n  steps: [3\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml is not valid YAML"):
+        load_config(["model/tiny", tmp_path / "broken.yaml"])
+    (tmp_path / "cur.yaml").write_text(
+        "include: [model/tiny, " + str(tmp_path / "typo.yaml") + "]\nstages: [{name: a}]\n"
+    )
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown config key 'train.stpes'"):
+        resolve_config([str(tmp_path / "cur.yaml")], None)
+
+
 def test_unknown_config_file_lists_the_available_ones():
     with pytest.raises(FileNotFoundError, match="model/tiny"):
         load_config(["model/tinyy"])
@@ -143,7 +163,6 @@ def test_train_and_plan_read_config_and_stage_flags_alike(tmp_path):
     import argparse
 
     from lvm.commands import train as train_command
-    from lvm.curriculum import load_curriculum, resolve_config
 
     stage_cfg = load_curriculum("tiny", ["train.steps=5"]).stage("2k").cfg
     assert resolve_config(["tiny"], "2k", ["train.steps=5"]) == (stage_cfg, "2k")
