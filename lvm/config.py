@@ -158,6 +158,10 @@ class MeshConfig:
     def sizes(self) -> tuple[int, ...]:
         return tuple(getattr(self, a) for a in MESH_AXES)
 
+    def min_devices(self) -> int:
+        """The fewest devices the mesh can run on (the product of its fixed sizes)."""
+        return math.prod(s for s in self.sizes() if s != -1)
+
     def resolve(self, n_devices: int) -> MeshConfig:
         """The mesh with -1 replaced so that the sizes multiply to `n_devices`."""
         sizes = self.sizes()

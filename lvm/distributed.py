@@ -18,8 +18,14 @@ def add_arguments(parser) -> None:
     group.add_argument("--process-id", type=int, help="this process's index (with --coordinator)")
 
 
-def initialize(args) -> None:
-    """Start jax.distributed as the flags ask; a single process needs none of them."""
+def initialize(args, devices_needed: int = 1) -> None:
+    """Start jax.distributed as the flags ask; a single process needs none of them. Call before jax is imported:
+    a single process on a machine without accelerators gets `devices_needed` simulated CPU devices (as `lvm demo`
+    does; an XLA_FLAGS device count already set is kept, and on GPU/TPU the count changes nothing)."""
+    from lvm import cpu_devices
+
+    if not (args.coordinator or args.distributed):
+        cpu_devices.simulate(devices_needed, keep=True)
     import jax  # not at module level: `lvm` builds every command's parser before any command runs
 
     if args.coordinator:

@@ -25,7 +25,7 @@ def run(args) -> int:
     from lvm.curriculum import load_curriculum
 
     cur = load_curriculum(args.config, args.set)
-    distributed.initialize(args)
+    distributed.initialize(args, max(stage.cfg.mesh.min_devices() for stage in cur.stages))
     from lvm.curriculum import run_curriculum
 
     summary = stop_on_nonfinite(

@@ -46,7 +46,7 @@ def stop_on_nonfinite(command: str, fn):
 
 def run(args) -> int:
     cfg = load(args)  # a bad config fails before jax starts
-    distributed.initialize(args)
+    distributed.initialize(args, cfg.mesh.min_devices())
     from lvm.trainer import train
 
     result = stop_on_nonfinite(
