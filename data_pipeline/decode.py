@@ -5,6 +5,13 @@ streamed in bounded chunks from a worker process.
   or `num_frames` spread uniformly (the centre frame of `num_frames` equal parts). `max_frames` caps either:
   when fps sampling would give more, `max_frames` frames are spread uniformly over the whole video instead.
   Every frame comes with its presentation timestamp in seconds (from the container).
+- Length before decoding: with `frame_limit`, a video that would sample more frames is rejected with
+  `TooManyFrames` (its frame count, rate and sampled count, from the container's metadata) before any frame is
+  decoded; `fps_within` is the rate that would sample few enough.
+- Still images (PNG, JPEG, BMP, WebP, TIFF, GIF; recognised by content, read with PIL, EXIF-rotated) are
+  one-frame videos at 1 fps, resized and cropped like video frames; an animated one is refused with a hint.
+- Progress: `Decoder(progress=...)` shows a bar of decoded frames on stderr for a decode that takes more than
+  `progress_delay_s` (the worker reports every few frames).
 - Memory: frames travel in chunks of `chunk_frames`; the worker blocks on the pipe until the previous chunk is
   taken, so at most about two chunks of one video are in memory, however long the video.
 - Overlap: `frames(uri, then=next_uri)` queues the next video behind this one, so the worker decodes it while
@@ -22,9 +29,11 @@ streamed in bounded chunks from a worker process.
 from __future__ import annotations
 
 import dataclasses
+import math
 import multiprocessing
 import os
 import signal
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -37,6 +46,17 @@ class DecodeError(Exception):
     """A video that could not be decoded; `str(err)` is the reason."""
 
 
+class TooManyFrames(DecodeError):
+    """A video that would sample `sampled` frames, more than `DecodeConfig.frame_limit`: known from the
+    container's frame count and rate before any frame is decoded."""
+
+    def __init__(self, frames: int, fps: float, sampled: int, limit: int):
+        super().__init__(
+            f"{sampled} frames would be sampled ({frames} frames at {fps:g} fps), more than the limit of {limit}"
+        )
+        self.frames, self.fps, self.sampled, self.limit = frames, fps, sampled, limit
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """How frames are chosen and shaped (see the module docstring)."""
@@ -47,13 +67,14 @@ class DecodeConfig:
     max_frames: int | None = None  # cap on frames per video
     chunk_frames: int = 32  # frames per chunk sent from the worker
     threads: int = 1  # decord decoding threads per worker
+    frame_limit: int | None = None  # more sampled frames than this: `TooManyFrames` before decoding any
 
     def __post_init__(self):
         if self.resolution < 1 or self.chunk_frames < 1 or self.threads < 0:
             raise ValueError(f"need resolution >= 1, chunk_frames >= 1, threads >= 0; got {self}")
         if self.num_frames is None and not self.fps > 0:
             raise ValueError(f"fps must be > 0 (or set num_frames), got {self.fps}")
-        for name in ("num_frames", "max_frames"):
+        for name in ("num_frames", "max_frames", "frame_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
@@ -98,7 +119,31 @@ def frame_indices(n_frames: int, native_fps: float, cfg: DecodeConfig) -> np.nda
     return np.unique(np.floor((np.arange(k) + 0.5) * n_frames / k).astype(np.int64))
 
 
+def fps_within(n_frames: int, native_fps: float, max_sampled: int) -> float:
+    """The highest rate of two significant digits at which fps sampling takes at most `max_sampled` (>= 1)
+    frames of a video of `n_frames` at `native_fps`."""
+    fps = max_sampled * native_fps / n_frames
+    digits = 1 - math.floor(math.log10(fps))  # decimals that keep two significant digits
+    fps = round(math.floor(fps * 10**digits) / 10**digits, max(digits, 0))
+    while fps > 10**-digits and len(frame_indices(n_frames, native_fps, DecodeConfig(fps=fps))) > max_sampled:
+        fps = round(fps - 10**-digits, max(digits, 0))  # float rounding only: at most a step or two
+    return fps
+
+
 # The worker process -----------------------------------------------------------------------------------------
+
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "GIF")  # read with PIL as one-frame videos
+PROGRESS_FRAMES = 4  # the worker decodes this many frames at a time and reports progress after each
+
+
+def _open_image(path: str):
+    """`path` as a PIL image when its content is one of `IMAGE_FORMATS`, else None (a video, or not found)."""
+    from PIL import Image
+
+    try:
+        return Image.open(path, formats=IMAGE_FORMATS)  # reads the header only
+    except (OSError, ValueError):  # not an image (UnidentifiedImageError is an OSError), missing, empty
+        return None
 
 
 def _open(path: str, threads: int):
@@ -119,8 +164,14 @@ def _open(path: str, threads: int):
 
 
 def _decode_file(conn, path: str, cfg: DecodeConfig) -> None:
+    """Send ("sampling", count), then ("decoded", done so far) every few frames, ("info", VideoInfo) after the
+    first frames and ("chunk", Chunk) after every `chunk_frames`; `TooManyFrames` before decoding any."""
     from lvm.tokenizers.video import resize_crop
 
+    image = _open_image(path)
+    if image is not None:
+        _decode_image(conn, image, cfg)
+        return
     reader = _open(path, cfg.threads)
     n = len(reader)
     if n == 0:
@@ -129,16 +180,50 @@ def _decode_file(conn, path: str, cfg: DecodeConfig) -> None:
     if not fps > 0:
         raise DecodeError(f"unknown frame rate ({fps})")
     idx = frame_indices(n, fps, cfg)
+    if cfg.frame_limit is not None and len(idx) > cfg.frame_limit:
+        raise TooManyFrames(n, fps, len(idx), cfg.frame_limit)
+    conn.send(("sampling", len(idx)))
     for start in range(0, len(idx), cfg.chunk_frames):
         part = idx[start : start + cfg.chunk_frames]
+        resized = []
+        for at in range(0, len(part), PROGRESS_FRAMES):  # resized as they come: one full-size batch in memory
+            few = part[at : at + PROGRESS_FRAMES].tolist()
+            try:
+                frames = reader.get_batch(few).asnumpy()  # [k, h, w, 3]
+            except Exception as err:
+                raise DecodeError(f"decode failed at frame {few[0]}: {str(err).strip()[:200]}") from None
+            if start == at == 0:
+                conn.send(("info", VideoInfo(n, fps, frames.shape[1], frames.shape[2], len(idx))))
+            resized.append(resize_crop(frames, cfg.resolution))
+            conn.send(("decoded", start + at + len(few)))
         try:
-            frames = reader.get_batch(part.tolist()).asnumpy()  # [k, h, w, 3]
-            stamps = np.asarray(reader.get_frame_timestamp(part.tolist()), np.float64)[:, 0]
+            stamps = np.asarray(reader.get_frame_timestamp(part.tolist()), np.float64)[:, 0]  # from the index
         except Exception as err:
-            raise DecodeError(f"decode failed at frame {int(part[0])}: {str(err).strip()[:200]}") from None
-        if start == 0:
-            conn.send(("info", VideoInfo(n, fps, frames.shape[1], frames.shape[2], len(idx))))
-        conn.send(("chunk", Chunk(resize_crop(frames, cfg.resolution), stamps, part)))
+            raise DecodeError(f"no timestamps at frame {int(part[0])}: {str(err).strip()[:200]}") from None
+        conn.send(("chunk", Chunk(np.concatenate(resized), stamps, part)))
+
+
+def _decode_image(conn, image, cfg: DecodeConfig) -> None:
+    """A still image as a one-frame video at 1 fps (the frame at 0 s), through the same messages."""
+    from PIL import ImageOps
+
+    from lvm.tokenizers.video import resize_crop
+
+    with image:
+        if getattr(image, "n_frames", 1) > 1:
+            raise DecodeError(
+                f"an animated {image.format} ({image.n_frames} frames): convert it to a video first, e.g. "
+                "`ffmpeg -i in.gif out.mp4`"
+            )
+        try:
+            frame = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))[None]  # [1, h, w, 3]
+        except Exception as err:  # truncated or corrupt pixel data
+            raise DecodeError(f"cannot read the {image.format} image (truncated or corrupt): {err}") from None
+    conn.send(("sampling", 1))
+    conn.send(("info", VideoInfo(1, 1.0, frame.shape[1], frame.shape[2], 1)))
+    conn.send(("decoded", 1))
+    chunk = Chunk(resize_crop(frame, cfg.resolution), np.zeros(1, np.float64), np.zeros(1, np.int64))
+    conn.send(("chunk", chunk))
 
 
 def _worker_main(conn) -> None:
@@ -151,6 +236,8 @@ def _worker_main(conn) -> None:
         try:
             _decode_file(conn, path, cfg)
             conn.send(("done", None))
+        except TooManyFrames as err:  # sent as its fields: the consumer rebuilds it
+            conn.send(("too_many", (err.frames, err.fps, err.sampled, err.limit)))
         except DecodeError as err:
             conn.send(("error", str(err)))
         except Exception as err:  # anything else is still one file's failure
@@ -163,8 +250,10 @@ def _worker_main(conn) -> None:
 class Decoder:
     """Decodes one video at a time in a worker process: `for chunk in decoder.frames(uri): ...`.
 
-    `frames` raises `DecodeError` for a file that cannot be decoded; the decoder stays usable. `info` holds the
-    last video's `VideoInfo`. Use as a context manager or call `close()`.
+    `frames` raises `DecodeError` for a file that cannot be decoded (`TooManyFrames` for one over
+    `cfg.frame_limit`); the decoder stays usable. `info` holds the last video's `VideoInfo`. `progress`: a bar of
+    decoded frames on stderr for each video that takes over `progress_delay_s` (None: when stderr is a
+    terminal). Use as a context manager or call `close()`.
     """
 
     def __init__(
@@ -172,9 +261,12 @@ class Decoder:
         cfg: DecodeConfig = DecodeConfig(),
         cache: storage.FileCache | None = None,
         timeout_s: float = 600.0,
+        progress: bool | None = False,
+        progress_delay_s: float = 3.0,
     ):
         self.cfg = cfg
         self.timeout_s = timeout_s
+        self.progress, self.progress_delay_s = progress, progress_delay_s
         self._own_cache = cache is None
         self.cache = cache or storage.FileCache(tempfile.mkdtemp(prefix="lvm-videos-"), max_bytes=8 << 30)
         self._proc = None
@@ -238,6 +330,7 @@ class Decoder:
         queued, self._queued = self._queued, None
         path = queued[1] if queued else self._fetch(uri)  # a queued file was fetched and pinned when sent
         finished = False
+        bar = None
         try:
             if queued is None:
                 if self._proc is None or not self._proc.is_alive():
@@ -247,21 +340,41 @@ class Decoder:
                 self._send_ahead(then)
             while True:
                 kind, payload = self._recv()
-                if kind == "info":
+                if kind == "sampling":
+                    bar = self._bar(uri, payload)
+                elif kind == "decoded":
+                    if bar is not None:
+                        bar.update(payload - bar.n)
+                elif kind == "info":
                     self.info = payload
                 elif kind == "chunk":
                     yield payload
                 elif kind == "done":
                     finished = True
                     return
+                elif kind == "too_many":
+                    finished = True
+                    raise TooManyFrames(*payload)
                 else:
                     finished = True
                     raise DecodeError(payload)
         finally:
+            if bar is not None:
+                bar.close()
             if not finished and self._proc is not None:
                 self._stop(kill=True)  # abandoned mid-file: the worker may still be sending
             self.cache.release(uri)
             self.cache.discard(uri)
+
+    def _bar(self, uri: str, total: int):
+        if self.progress is False:
+            return None
+        from tqdm import tqdm
+
+        name = uri.rstrip("/").rsplit("/", 1)[-1] or uri
+        disable = None if self.progress is None else False  # None: tqdm shows it on a terminal only
+        return tqdm(total=total, desc=f"decoding {name}", unit="frame", file=sys.stderr, leave=False,
+                    delay=self.progress_delay_s, disable=disable)  # fmt: skip
 
     def _fetch(self, uri: str) -> str:
         try:

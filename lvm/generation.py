@@ -5,7 +5,9 @@ device's memory works) and `extend` (new tokens against the cache). Prompt lengt
 (multiples of `2 * sp * 64` with at most 4 significant bits: under 1/8 padding) so few shapes compile.
 
 - `generate_text`: greedy / temperature / top-k / top-p sampling, a batch of prompts of different lengths,
-  per-row stop at EOS, an `on_token(row, id)` callback for streaming.
+  per-row stop at EOS, an `on_token(row, id)` callback for streaming. With `vocab_size` (the tokenizer's),
+  the padded rows of a larger model vocabulary are masked in the jitted sampling step, so no id the tokenizer
+  lacks is ever picked.
 - `generate_vision`: frames of `tokens_per_frame` VQGAN codes each; `<eof>` (or `<eov>` after the last frame)
   is forced at frame boundaries and never sampled inside a frame; optional classifier-free guidance over
   pairs of conditional / unconditional rows.
@@ -58,9 +60,20 @@ def filter_logits(logits: jax.Array, s: Sampling) -> jax.Array:
     return logits
 
 
-@partial(jax.jit, static_argnums=2)
-def sample(key: jax.Array, logits: jax.Array, s: Sampling) -> jax.Array:
-    """Next token ids [b] from logits [b, V]."""
+def mask_vocab(logits: jax.Array, vocab_size: int | None) -> jax.Array:
+    """Logits [..., V] with -inf at the ids >= `vocab_size` (padded vocabulary rows no tokenizer id names);
+    the others unchanged. None: no mask."""
+    if vocab_size is None or vocab_size >= logits.shape[-1]:
+        return logits
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be at least 1, got {vocab_size}")
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+
+
+@partial(jax.jit, static_argnums=(2, 3))
+def sample(key: jax.Array, logits: jax.Array, s: Sampling, vocab_size: int | None = None) -> jax.Array:
+    """Next token ids [b] from logits [b, V], never an id >= `vocab_size` (see `mask_vocab`)."""
+    logits = mask_vocab(logits, vocab_size)
     if s.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, s), axis=-1).astype(jnp.int32)
@@ -141,16 +154,18 @@ def generate_text(
     sampling: Sampling = Sampling(),
     seed: int = 0,
     on_token: Callable[[int, int], None] | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Sample up to `max_new_tokens` text tokens per row, starting from the text `logits` [b, V] of each row's
-    last token; a row stops at EOS (not included). Returns each row's new ids."""
+    last token; a row stops at EOS (not included). Returns each row's new ids, all below `vocab_size` (the
+    tokenizer's vocabulary; the model's may be padded beyond it)."""
     key = jax.random.key(seed)
     b = logits.shape[0]
     out: list[list[int]] = [[] for _ in range(b)]
     active = np.ones(b, bool)
     for _ in range(max_new_tokens):
         key, sub = jax.random.split(key)
-        ids = np.asarray(sample(sub, jnp.asarray(logits), sampling))
+        ids = np.asarray(sample(sub, jnp.asarray(logits), sampling, vocab_size))
         for r in np.flatnonzero(active):
             if ids[r] == eos_id:
                 active[r] = False
@@ -192,9 +207,8 @@ def generate_vision(
             lg = jnp.asarray(logits)
             if guidance is not None:
                 lg = lg[half:] + guidance * (lg[:half] - lg[half:])
-            lg = jnp.where(jnp.arange(lg.shape[-1]) < n_codes, lg, -jnp.inf)  # codes only inside a frame
             key, sub = jax.random.split(key)
-            ids = np.asarray(sample(sub, lg, sampling))
+            ids = np.asarray(sample(sub, lg, sampling, n_codes))  # codes only inside a frame
             codes[:, f, i] = ids
             step = np.concatenate([ids, ids]) if guidance is not None else ids
             _, vis_logits, cache = gen.extend(cache, step[:, None], vision)

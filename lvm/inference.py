@@ -27,6 +27,7 @@ from lvm.tokenizers import format as fmt
 
 GREEDY = Sampling()
 SAMPLED = Sampling(temperature=1.0, top_k=100)
+FEWER_FRAMES = "sample fewer frames (--max-frames / --fps), shorten the question or lower --max-new-tokens"
 
 
 @dataclasses.dataclass
@@ -55,9 +56,17 @@ class Model:
         text_tokenizer = text_tokenizer or paths.get("text_tokenizer")
         if not text_tokenizer:
             raise FileNotFoundError(
-                f"{folder} names no text tokenizer ({TOKENIZERS_FILE}); pass text_tokenizer"
+                f"{folder} names no text tokenizer: the model was trained on data without a recorded tokenizer "
+                f"(its {TOKENIZERS_FILE} names none, as with synthetic data); pass the SentencePiece model it "
+                "was trained with: --text-tokenizer PATH to lvm qa / lvm generate, text_tokenizer=PATH in Python"
             )
         self.codec = SentencePieceTokenizer(text_tokenizer)
+        if self.codec.vocab_size > cfg.model.text_vocab_size:
+            raise ValueError(
+                f"the text tokenizer {text_tokenizer} has {self.codec.vocab_size} pieces but the model's text "
+                f"vocabulary is {cfg.model.text_vocab_size}: it is not the tokenizer the model was trained with "
+                "(--text-tokenizer)"
+            )
         self.vqgan_path = vqgan or paths.get("vqgan")
         self._vqgan = None
         self.context = cfg.train.seq_len  # the length the model was trained at
@@ -68,7 +77,9 @@ class Model:
     def vqgan(self):
         if self._vqgan is None:
             if not self.vqgan_path:
-                raise FileNotFoundError("this checkpoint names no VQGAN (tokenizers.json); pass vqgan")
+                raise FileNotFoundError(
+                    f"this checkpoint names no VQGAN ({TOKENIZERS_FILE}); pass --vqgan PATH (vqgan=PATH in Python)"
+                )
             from lvm.tokenizers.vqgan import VQGANTokenizer
 
             self._vqgan = VQGANTokenizer.load(self.vqgan_path)
@@ -96,12 +107,15 @@ class Model:
         fps: float | None = None,
         num_frames: int | None = None,
         max_frames: int | None = None,
-        reserve: int = 256,
+        reserve: int | None = None,
+        progress: bool | None = None,
     ) -> np.ndarray:
-        """VQGAN codes [T, h, w] of a video file or gs:// URI. By default as many frames as fit the context
-        (with `reserve` tokens for question and answer), evenly over the video; fps / num_frames /
-        max_frames override."""
-        opts = dict(fps=fps, num_frames=num_frames, max_frames=max_frames, reserve=reserve)
+        """VQGAN codes [T, h, w] of a video file, still image (one frame) or gs:// URI. By default as many
+        frames as fit the context with `reserve` (256 if None) tokens left for question and answer, evenly over
+        the video; fps / num_frames / max_frames override. With `reserve` given, a video whose frames would
+        not fit the context with `reserve` to spare is rejected (ValueError) before any frame is decoded.
+        `progress`: a bar on stderr for a long decode (None: when stderr is a terminal)."""
+        opts = dict(fps=fps, num_frames=num_frames, max_frames=max_frames, reserve=reserve, progress=progress)
         with contextlib.closing(self.read_videos([uri], **opts)) as videos:  # closes the decoder
             return next(videos)
 
@@ -112,29 +126,55 @@ class Model:
         fps: float | None = None,
         num_frames: int | None = None,
         max_frames: int | None = None,
-        reserve: int = 256,
+        reserve: int | None = None,
+        progress: bool | None = None,
     ) -> Iterator[np.ndarray]:
         """The codes of each video in turn, as `read_video` reads one, from one decoder process that decodes
         the next video while this one is encoded (starting a decoder per video costs about a second)."""
-        from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder
+        from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder, TooManyFrames, fps_within
 
+        uris = list(uris)
+        kept = 256 if reserve is None else reserve
+        fit = self.frames_that_fit(kept)  # the most frames a prompt can hold with `kept` tokens to spare
+        if fit < 1 and (reserve is not None or (fps is None and num_frames is None)):
+            raise ValueError(
+                f"no frame fits the model's context of {self.context} tokens with {kept} kept for the question "
+                "and answer"
+            )
         if fps is None and num_frames is None:
-            num_frames = self.frames_that_fit(reserve)
-            if num_frames < 1:
-                raise ValueError(
-                    f"no frame fits the model's context of {self.context} tokens with {reserve} reserved"
-                )
+            num_frames = fit
+        limit = None if reserve is None else fit
+        overhead, per_frame = fmt.prefix_overhead(self.codec), self.frame_tokens()
+
+        def too_long(what: str, frames: int, fix: str) -> ValueError:
+            need = overhead + frames * per_frame + kept
+            return ValueError(
+                f"{what}: {frames} frames need {need} tokens ({per_frame} a frame, {kept} for the question and "
+                f"answer); the model's context is {self.context}: {fix}"
+            )
+
+        asked = None if num_frames is None else min(num_frames, max_frames or num_frames)
+        if limit is not None and asked is not None and asked > limit:
+            # known without opening any video: the count of any video at least that long
+            flag = "--max-frames" if asked != num_frames else "--num-frames"
+            what = uris[0] if len(uris) == 1 else f"{len(uris)} videos"
+            raise too_long(f"{what} ({flag} {asked})", asked, f"use {flag} {limit} or fewer")
         decode_cfg = DecodeConfig(
             resolution=self.vqgan.cfg.resolution,
             fps=fps or 1.0,
             num_frames=num_frames,
             max_frames=max_frames,
+            frame_limit=limit,
         )
-        uris = list(uris)
-        with Decoder(decode_cfg) as decoder:
+        with Decoder(decode_cfg, progress=progress) as decoder:
             for uri, then in zip(uris, uris[1:] + [None], strict=True):
                 try:
                     codes = [self.vqgan.encode(chunk.frames) for chunk in decoder.frames(uri, then=then)]
+                except TooManyFrames as err:  # from the video's metadata, before decoding
+                    seconds = err.frames / err.fps
+                    length = f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+                    fix = f"use --fps {fps_within(err.frames, err.fps, limit):g} or --max-frames {limit}"
+                    raise too_long(f"{uri} ({length} at --fps {fps:g})", err.sampled, fix) from None
                 except DecodeError as err:
                     raise ValueError(f"cannot read the video {uri}: {err}") from None
                 if not codes:
@@ -146,7 +186,9 @@ class Model:
     def video_context(self, codes: np.ndarray, room: int = 256) -> VideoContext:
         """Prefill the video-first prefix of `codes` once; `room` tokens are kept for question + answer."""
         rec = self.tokens(fmt.video_first_prefix(fmt.Video(codes)))
-        self._check_length(len(rec) + room, f"a video of {len(codes)} frames plus {room} tokens of room")
+        self._check_length(
+            len(rec) + room, f"a video of {len(codes)} frames plus {room} tokens of room", FEWER_FRAMES
+        )
         _, _, cache = self.generator.prefill([(rec.tokens, rec.vision_mask)], room)
         return VideoContext(codes, len(rec), cache, room)
 
@@ -155,16 +197,17 @@ class Model:
         rec = self.tokens(fmt.video_first_chat(question, fmt.Video(ctx.codes)))
         return rec.tokens[ctx.prefix_len :], rec.vision_mask[ctx.prefix_len :]
 
-    def _check_length(self, n: int, what: str) -> None:
+    def _check_length(self, n: int, what: str, fix: str) -> None:
+        """A prompt of n tokens must fit the context; `fix` says how (naming the command's flags)."""
         if n > self.context:
             raise ValueError(
-                f"the prompt needs {n} tokens ({what}) but the model's context is {self.context}; "
-                "sample fewer frames (--max-frames / --fps), shorten the question or lower --max-new-tokens"
+                f"the prompt needs {n} tokens ({what}) but the model's context is {self.context}; {fix}"
             )
 
     def _ask(self, ctx: VideoContext, question: str, extra: int):
         ids, vis = self._question_tokens(ctx, question)
-        self._check_length(ctx.prefix_len + len(ids) + extra, f"video prefix {ctx.prefix_len} + question")
+        n = ctx.prefix_len + len(ids) + extra
+        self._check_length(n, f"video prefix {ctx.prefix_len} + question + {extra} new tokens", FEWER_FRAMES)
         if len(ids) + extra > ctx.room:
             raise ValueError(
                 f"question + answer need {len(ids) + extra} tokens but the video context keeps {ctx.room}; "
@@ -196,8 +239,9 @@ class Model:
                 shown[0] = text
 
         out = generate_text(
-            self.generator, cache, logits[None], max_new_tokens, self.codec.eos_id, sampling, seed, stream
-        )
+            self.generator, cache, logits[None], max_new_tokens, self.codec.eos_id, sampling, seed, stream,
+            vocab_size=self.codec.vocab_size,
+        )  # fmt: skip
         return self.codec.decode(out[0], continuation=True).strip()
 
     def option_logprobs(self, ctx: VideoContext, question: str, options: list[str]) -> list[float]:
@@ -241,9 +285,16 @@ class Model:
     ) -> str:
         """Continue a text prompt."""
         ids = np.asarray(self.codec.encode_pieces([prompt]))
-        self._check_length(len(ids) + max_new_tokens, "prompt + new tokens")
+        self._check_length(
+            len(ids) + max_new_tokens,
+            f"prompt + {max_new_tokens} new tokens",
+            "shorten --prompt or lower --max-new-tokens",
+        )
         text, _, cache = self.generator.prefill([(ids, np.zeros(len(ids), bool))], max_new_tokens)
-        out = generate_text(self.generator, cache, text, max_new_tokens, self.codec.eos_id, sampling, seed)
+        out = generate_text(
+            self.generator, cache, text, max_new_tokens, self.codec.eos_id, sampling, seed,
+            vocab_size=self.codec.vocab_size,
+        )  # fmt: skip
         result = self.codec.decode(out[0], continuation=True)
         if on_text:
             on_text(result)
@@ -263,7 +314,11 @@ class Model:
         cond = self.codec.encode_pieces(fmt.video_request(prompt))
         rows = [cond] + ([self.codec.encode_pieces(fmt.video_request(""))] if guidance is not None else [])
         per_frame = self.frame_tokens()
-        self._check_length(len(cond) + frames * per_frame, f"prompt + {frames} frames")
+        self._check_length(
+            len(cond) + frames * per_frame,
+            f"prompt + {frames} frames of {per_frame} tokens",
+            "generate fewer --frames or shorten --prompt",
+        )
         prompts = [(np.asarray(r), np.zeros(len(r), bool)) for r in rows]
         _, vision, cache = self.generator.prefill(prompts, frames * per_frame)
         h, w = self.vqgan.code_shape

@@ -151,13 +151,19 @@ def question() -> str:
     return QUESTION
 
 
+def tiny_tokenizers(root):
+    """An untrained tiny VQGAN at `root/vqgan` (32x32 frames -> 8x8 codes) and a 400-piece SentencePiece model
+    at `root/sp.model` (returned)."""
+    cfg = load_vqgan_config("tiny", ["model.resolution=32", "model.channel_mult=1,2,2"])
+    save_model(cfg, init_variables(cfg.model), root / "vqgan")
+    return text.train(TEXT_CORPUS, 400, root / "sp")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained on red / blue video QA; returns (export folder, workdir, a held-out red video)."""
     root = tmp_path_factory.mktemp("qa")
-    cfg = load_vqgan_config("tiny", ["model.resolution=32", "model.channel_mult=1,2,2"])  # 8x8 codes
-    save_model(cfg, init_variables(cfg.model), root / "vqgan")
-    tok = text.train(TEXT_CORPUS, 400, root / "sp")
+    tok = tiny_tokenizers(root)
     lines = []
     for i in range(16):
         name = list(COLOURS)[i % 2]

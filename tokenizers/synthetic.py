@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from fractions import Fraction
 
 import numpy as np
 
@@ -34,19 +36,34 @@ def moving_pattern(height: int, width: int, frames: int, seed: int) -> np.ndarra
     return out
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
-    """Write uint8 `[T, H, W, 3]` (even H, W) as an h264 mp4 with imageio-ffmpeg's bundled ffmpeg."""
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8) -> None:
+    """Write uint8 `[T, H, W, 3]` as an h264 mp4 (odd H or W scaled up by one) with imageio-ffmpeg's ffmpeg.
+
+    ffmpeg is started with `subprocess` directly, not `imageio_ffmpeg.write_frames`: that passes
+    `preexec_fn=os.setpgrp`, which runs Python's fork hooks (JAX then warns that `os.fork()` in its
+    multi-threaded process may deadlock). `start_new_session` gives ffmpeg its own session (Ctrl-C is not
+    passed on mid-write) without Python code between fork and exec."""
     import imageio_ffmpeg
 
+    frames = np.ascontiguousarray(frames, np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or not len(frames):
+        raise ValueError(f"write_video needs uint8 frames [T, H, W, 3], got shape {frames.shape}")
     _, h, w, _ = frames.shape
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=2,
-        output_params=["-crf", "18", "-preset", "veryfast"], ffmpeg_log_level="error",
+    rate = str(Fraction(fps).limit_denominator())  # exact rationals such as 30000/1001
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}", "-r", rate, "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+           "-crf", "18", "-preset", "veryfast"]  # fmt: skip
+    if h % 2 or w % 2:  # yuv420p needs even sizes
+        cmd += ["-vf", f"scale={w + w % 2}:{h + h % 2}"]
+    proc = subprocess.run(
+        [*cmd, str(path)], input=frames.tobytes(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True, check=False,
     )  # fmt: skip
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    if proc.returncode:
+        err = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise OSError(
+            f"ffmpeg could not write {path}: {err[-1] if err else f'exit status {proc.returncode}'}"
+        )
 
 
 def write_dataset(folder: str | os.PathLike, sizes, frames: int, seed: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Decoding real h264 mp4s (several sizes and rates, one of three minutes) and broken files, in a worker process."""
+"""Decoding real h264 mp4s (several sizes and rates, one of three minutes), still images and broken files, in a
+worker process; a video over the frame limit is rejected from its metadata; long decodes show progress."""
 
 import os
 import signal
@@ -7,9 +8,17 @@ import subprocess
 import imageio_ffmpeg
 import numpy as np
 import pytest
+from PIL import Image
 
 from lvm.data_pipeline import storage
-from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder, frame_indices
+from lvm.data_pipeline.decode import (
+    DecodeConfig,
+    DecodeError,
+    Decoder,
+    TooManyFrames,
+    fps_within,
+    frame_indices,
+)
 from lvm.tokenizers import metrics, synthetic
 from lvm.tokenizers.video import resize_crop
 
@@ -182,3 +191,88 @@ def test_queued_gcs_videos_leave_nothing_in_the_cache(videos, gcs_server, tmp_pa
         assert cache.cached_bytes() > 0  # c is fetched and waiting
         next(dec.frames(c, a))  # abandoned mid-file with a queued: both copies go
     assert cache.cached_bytes() == 0
+
+
+def _kinds(dec, monkeypatch) -> list[str]:
+    """The kinds of the messages `dec` receives from its worker from now on."""
+    kinds = []
+    recv = dec._recv
+
+    def spy():
+        message = recv()
+        kinds.append(message[0])
+        return message
+
+    monkeypatch.setattr(dec, "_recv", spy)
+    return kinds
+
+
+def test_too_many_frames_are_known_from_metadata_before_any_frame_is_decoded(videos, monkeypatch):
+    name, (h, w, n, fps) = LONG  # 720 frames: all of them at --fps 4
+    with Decoder(DecodeConfig(resolution=32, fps=4, frame_limit=100)) as dec:
+        kinds = _kinds(dec, monkeypatch)
+        with pytest.raises(TooManyFrames) as err:
+            dec.decode(str(videos / name))
+        assert (err.value.frames, err.value.sampled, err.value.limit) == (n, n, 100)
+        assert err.value.fps == pytest.approx(fps)
+        assert kinds == ["too_many"]  # no "decoded", "info" or "chunk": the worker decoded nothing
+        pid = dec.pid
+        frames, _ = dec.decode(str(videos / "small_8fps.mp4"))  # 8 frames at --fps 4: within the limit
+        assert len(frames) == 8 and dec.pid == pid  # same worker
+    # the rate the message suggests samples few enough frames, and is not needlessly low
+    for frames_, native, limit in [(n, fps, 100), (600, 1.0, 430), (108000, 30.0, 1000), (16, 8.0, 1)]:
+        rate = fps_within(frames_, native, limit)
+        assert len(frame_indices(frames_, native, DecodeConfig(fps=rate))) <= limit
+        assert rate > 0.85 * limit * native / frames_, (frames_, native, limit, rate)
+    assert fps_within(600, 1.0, 430) == 0.71
+
+
+def test_still_images_are_one_frame_videos(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (40, 60, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "still.png")
+    Image.fromarray(pixels).convert("RGBA").save(tmp_path / "alpha.png")
+    smooth = np.broadcast_to(np.linspace(0, 255, 60, dtype=np.uint8)[None, :, None], (40, 60, 3))
+    Image.fromarray(smooth).save(tmp_path / "photo.jpg", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    Image.fromarray(smooth).save(tmp_path / "rotated.jpg", quality=95, exif=exif)
+    data = (tmp_path / "still.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    frames = [Image.fromarray(np.full((16, 16, 3), c, np.uint8)) for c in (0, 255)]
+    frames[0].save(tmp_path / "animated.gif", save_all=True, append_images=frames[1:])
+    (tmp_path / "image_named.mp4").write_bytes(data)  # recognised by content, not by name
+    for cfg in (DecodeConfig(resolution=32), DecodeConfig(resolution=32, num_frames=8)):
+        with Decoder(cfg) as dec:
+            for name in ("still.png", "alpha.png", "image_named.mp4"):
+                frames, stamps = dec.decode(str(tmp_path / name))
+                np.testing.assert_array_equal(frames, resize_crop(pixels[None], 32))  # as video frames are
+                np.testing.assert_array_equal(stamps, [0.0])
+                assert (dec.info.frames, dec.info.height, dec.info.width, dec.info.sampled) == (1, 40, 60, 1)
+            frames, _ = dec.decode(str(tmp_path / "photo.jpg"))
+            assert float(metrics.psnr(frames, resize_crop(smooth[None], 32))[0]) > 35
+            dec.decode(str(tmp_path / "rotated.jpg"))
+            assert (dec.info.height, dec.info.width) == (60, 40)  # turned upright as a viewer shows it
+            with pytest.raises(DecodeError, match="cannot read the PNG image"):
+                dec.decode(str(tmp_path / "truncated.png"))
+            with pytest.raises(DecodeError, match="animated GIF"):
+                dec.decode(str(tmp_path / "animated.gif"))
+            assert len(dec.decode(str(tmp_path / "still.png"))[0]) == 1  # the decoder is still usable
+
+
+def test_progress_bar_for_a_long_decode_when_asked(videos, capsys):
+    path = str(videos / "wide_24fps.mp4")  # 48 frames, all of them at --fps 24
+    with Decoder(DecodeConfig(resolution=32, fps=24), progress=True, progress_delay_s=0) as dec:
+        frames, _ = dec.decode(path)
+    err = capsys.readouterr().err
+    assert len(frames) == 48 and "decoding wide_24fps.mp4" in err and "/48" in err and "frame" in err
+    quiet = [
+        dict(progress=True),  # a decode shorter than the delay (3 s) shows nothing
+        dict(progress=None, progress_delay_s=0),  # None: only when stderr is a terminal (here it is not)
+        dict(progress=False, progress_delay_s=0),
+        dict(),  # off by default (pretokenize and the benchmarks have their own)
+    ]
+    for kwargs in quiet:
+        with Decoder(DecodeConfig(resolution=32, fps=24), **kwargs) as dec:
+            assert len(dec.decode(str(videos / "small_8fps.mp4"))[0]) == 16
+        assert capsys.readouterr().err == "", kwargs

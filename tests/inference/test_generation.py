@@ -148,3 +148,33 @@ def test_prompt_lengths_pad_by_under_an_eighth_with_few_shapes():
         assert width < 1.125 * -(-n // unit) * unit
     assert len({w for w in lengths if 16 * unit < w <= 32 * unit}) == 8
     assert padded_length(8704, unit) == 9216  # the demo's 8.7K-token videos (a power of two would be 16384)
+
+
+def test_sampling_never_picks_an_id_beyond_the_tokenizer():
+    """A text vocabulary padded beyond the tokenizer (the demo: 512 rows, 400 pieces): the padded rows are
+    masked inside the jitted sampling step; the logits of the tokenizer's ids are unchanged."""
+    from lvm.generation import Generator, Sampling, generate_text, mask_vocab, sample
+
+    n = 100  # the "tokenizer's" vocabulary; the model's is 512
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 512)), jnp.float32).at[:, n:].add(5.0)  # padded rows likeliest
+    masked = np.asarray(mask_vocab(logits, n))
+    np.testing.assert_array_equal(masked[:, :n], np.asarray(logits)[:, :n])
+    assert np.all(masked[:, n:] == -np.inf)
+    assert np.asarray(sample(jax.random.key(0), logits, Sampling())).min() >= n  # unmasked: padded ids win
+    greedy = np.asarray(sample(jax.random.key(0), logits, Sampling(), n))
+    np.testing.assert_array_equal(greedy, np.argmax(np.asarray(logits)[:, :n], axis=-1))
+    for s in (Sampling(3.0), Sampling(3.0, top_k=300), Sampling(3.0, top_p=0.99)):
+        draws = np.stack([np.asarray(sample(jax.random.key(seed), logits, s, n)) for seed in range(50)])
+        assert draws.max() < n and len(np.unique(draws)) > 20, s  # still samples, among valid ids only
+
+    cfg, mesh = cfg_for((1, 1, 1, 2)), make_mesh((1, 1, 1, 2))
+    gen = Generator(init_params(cfg, mesh, jax.random.key(7)), cfg, mesh)
+    prompts = [(rng.integers(1, n, 9 + r).astype(np.int32), np.zeros(9 + r, bool)) for r in range(4)]
+    text, _, cache = gen.prefill(prompts, room=16)
+    unmasked = generate_text(gen, cache, text, 12, eos_id=-1)
+    assert max(max(row) for row in unmasked) >= n  # the random model does pick padded ids without the mask
+    for sampling in (Sampling(), Sampling(3.0)):
+        for seed in range(4):
+            out = generate_text(gen, cache, text, 12, eos_id=-1, sampling=sampling, seed=seed, vocab_size=n)
+            assert all(len(row) == 12 and max(row) < n for row in out), (sampling, seed)

@@ -4,12 +4,16 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from lvm.cli import main
+from lvm.commands.generate import write_frames
+from lvm.generation import Sampling
 from lvm.inference import GREEDY, load_model
 from lvm.tokenizers import format as fmt
 
@@ -42,16 +46,16 @@ def test_qa_answers_about_a_real_mp4(trained, question):
         assert "frames" in out.stderr  # the video's size and the streamed answer go to stderr
 
 
-def test_questions_file_and_clear_errors(trained, tmp_path, question):
-    questions = tmp_path / "q.jsonl"
-    questions.write_text(
-        json.dumps({"question": question}) + "\n" + json.dumps({"question": question}) + "\n"
-    )
+def test_questions_file_and_clear_errors(trained, tmp_path, question, gcs_server):
+    from lvm.data_pipeline import storage
+
+    lines = [json.dumps({"question": question}), "", json.dumps({"question": question})]
+    storage.write_bytes("gs://test/q.jsonl", "\n".join(lines).encode())  # gs:// like a local file
     out = lvm("qa", "--checkpoint", str(trained / "export"), "--video", str(trained / "held_out_blue.mp4"),
-              "--questions", str(questions), "--max-new-tokens", "8")  # fmt: skip
+              "--questions", "gs://test/q.jsonl", "--max-new-tokens", "8")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
-    assert [json.loads(x)["answer"] for x in lines[:2]] == ["Blue.", "Blue."] and lines[-1] == "Blue."
+    answers = [json.loads(x) for x in out.stdout.splitlines()]  # stdout is JSONL, nothing else
+    assert answers == [{"question": question, "answer": "Blue."}] * 2, out.stdout
     assert out.stderr.count("video:") == 1  # encoded once for both questions
 
     missing = lvm("qa", "--checkpoint", str(tmp_path / "nope"), "--video", "x.mp4", "--question", "q")
@@ -73,6 +77,54 @@ def test_questions_file_and_clear_errors(trained, tmp_path, question):
     )  # 6 frames x 65 tokens > the 256-token context
     assert too_long.returncode == 2, too_long.stderr[-2000:]
     assert "context is 256" in too_long.stderr and "--max-frames" in too_long.stderr
+
+
+def test_bad_questions_and_tokenizers_name_their_cause(trained, tmp_path, question, capsys):
+    """Run in this process (`lvm.cli.main`, as the console script does): every case fails before decoding."""
+    export, video = str(trained / "export"), str(trained / "held_out_red.mp4")
+
+    def qa(*args):
+        code = main(["qa", "--checkpoint", export, "--video", video, *args])
+        return code, capsys.readouterr()
+
+    (tmp_path / "q.txt").write_text("What colour is the video?\n")
+    code, out = qa("--questions", str(tmp_path / "q.txt"))
+    assert code == 2 and f"{tmp_path / 'q.txt'}:1: not JSON" in out.err and out.out == "", out.err
+    code, out = qa("--questions", str(tmp_path / "missing.jsonl"))
+    assert code == 2 and "--questions" in out.err and "missing.jsonl" in out.err, out.err
+    long = "red " * 300
+    (tmp_path / "q.jsonl").write_text(f'{{"question": "{question}"}}\n\n{{"question": "{long}"}}\n')
+    code, out = qa("--questions", str(tmp_path / "q.jsonl"))
+    assert code == 2 and "the question" in out.err and "too long" in out.err, out.err
+    assert "q.jsonl:3: 'red red" in out.err and "--max-new-tokens" in out.err and "reserved" not in out.err
+    code, out = qa("--question", long)
+    assert code == 2 and "(--question: 'red red" in out.err and "too long" in out.err, out.err
+
+    untokenized = tmp_path / "untokenized"  # an export whose tokenizers.json is {} (a synthetic-data model)
+    untokenized.mkdir()
+    for item in (trained / "export").iterdir():
+        (untokenized / item.name).symlink_to(item)
+    (untokenized / "tokenizers.json").unlink()
+    (untokenized / "tokenizers.json").write_text("{}")
+    export = str(untokenized)
+    code, out = qa("--question", question)
+    assert code == 2 and "--text-tokenizer PATH" in out.err, out.err
+    assert "without a recorded tokenizer" in out.err
+
+
+def test_sampling_never_decodes_an_id_beyond_the_tokenizer(trained, capsys):
+    """The model's text vocabulary is padded to 512, its tokenizer has 400 pieces: hot sampling picked a padded
+    id (within 8 tokens for seeds 0 and 1) and ended in `IndexError: piece id is out of range`."""
+    for seed in range(2):
+        argv = ["generate", "--checkpoint", str(trained / "export"), "--prompt", "In the beginning",
+                "--temperature", "3", "--seed", str(seed), "--max-new-tokens", "12"]  # fmt: skip
+        assert main(argv) == 0
+        assert capsys.readouterr().out.strip()
+    model = load_model(trained / "export")
+    assert model.codec.vocab_size < model.cfg.model.text_vocab_size
+    ctx = model.video_context(np.zeros((2, 8, 8), np.int32), 64)
+    for seed in range(2):  # answers sample through the same mask
+        model.answer(ctx, "In the beginning", max_new_tokens=12, sampling=Sampling(3.0), seed=seed)
 
 
 def test_default_frames_fill_the_context_and_options_score_by_likelihood(trained, question):
@@ -110,6 +162,42 @@ def test_read_videos_match_one_at_a_time_and_name_a_bad_file(trained, tmp_path):
     np.testing.assert_array_equal(next(videos), expected[0])
     with pytest.raises(ValueError, match="broken.mp4"):
         next(videos)
+
+
+def test_generate_checks_its_output_first_and_writes_animations(trained, tmp_path, capsys):
+    export = str(trained / "export")
+
+    def generate(*args, checkpoint=export):
+        code = main(["generate", "--checkpoint", checkpoint, "--prompt", "a red video", *args])
+        return code, capsys.readouterr()
+
+    nope = str(tmp_path / "nope")  # refused before the model is loaded: the checkpoint does not exist
+    code, out = generate("--output", str(tmp_path / "no" / "such" / "x.mp4"), checkpoint=nope)
+    assert code == 2 and "--output" in out.err and "does not exist" in out.err, out.err
+    code, out = generate("--output", str(tmp_path / "x.png"), "--frames", "3", checkpoint=nope)
+    assert code == 2 and ".gif" in out.err and ".mp4" in out.err, out.err
+    code, out = generate("--output", str(tmp_path / "x.jpg"), checkpoint=nope)
+    assert code == 2 and ".png" in out.err, out.err
+    code, out = generate("--output", str(tmp_path / "x.gif"), "--frames", "5")  # 5 x 65 tokens > 256
+    assert code == 2 and "fewer --frames" in out.err and "--max-frames" not in out.err, out.err
+
+    code, out = generate("--output", str(tmp_path / "red.gif"), "--frames", "2", "--temperature", "1")
+    assert code == 0 and out.out.strip() == str(tmp_path / "red.gif"), out.err
+    gif = Image.open(tmp_path / "red.gif")
+    assert gif.n_frames == 2 and gif.size == (32, 32) and gif.info["duration"] == 250  # animated at --fps 4
+    frames = []
+    for i in range(2):
+        gif.seek(i)
+        frames.append(np.asarray(gif.convert("RGB")))
+    with warnings.catch_warnings(record=True) as caught:  # the mp4 writer `generate --output x.mp4` calls
+        warnings.simplefilter("always")
+        write_frames(np.stack(frames), str(tmp_path / "red.mp4"), 4.0)
+    assert not [w for w in caught if "fork" in str(w.message)], caught  # ffmpeg starts without os.fork()
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "red.mp4"))
+    assert next(reader)["size"] == (32, 32) and sum(1 for _ in reader) == 2
+    reader.close()
 
 
 def test_generate_writes_an_image_and_guidance_follows_the_prompt(trained, tmp_path):
