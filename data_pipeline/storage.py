@@ -1,9 +1,14 @@
-"""Local and `gs://` files behind one small API, with retries and atomic writes; a bounded local file cache.
+"""Local and `gs://` files behind one small API, with bounded retries and atomic writes; a bounded local file cache.
 
 All `gs://` I/O goes through gcsfs, the client that honours `STORAGE_EMULATOR_HOST` (a loopback GCS server in
-tests, the same code path as production). gcsfs retries single requests (5xx, connection errors) itself; on top
-of that every whole-object operation here is retried with backoff (`RETRIES` tries), and downloads are checked
-against the object's size, so a server restarted mid-read costs time, never data.
+tests, the same code path as production). Retries live in one place: every whole-object operation here is
+retried with backoff until a deadline (`LVM_GCS_DEADLINE_S`, default 60 s from its start, restarted when a
+download makes progress), while gcsfs tries each HTTP request at most `GCSFS_TRIES` times (its own 6 tries with
+their own backoff, under our retries, once made an unreachable endpoint cost half an hour). A TCP connection
+times out after `CONNECT_TIMEOUT_S`, a server that sends nothing after `READ_TIMEOUT_S`. A missing object fails at
+once (`FileNotFoundError`); anything else that fails for good raises `StorageError`: one line naming the URI, the
+cause and what to check. Downloads are checked against the object's size and resume where they stopped, so a
+server restarted mid-read costs time, never data.
 
 Atomicity: a local file is written under a temporary name in the same folder and renamed; a GCS object becomes
 visible only when its single upload completes (GCS never shows a partial object), so readers never see a
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -24,15 +30,67 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-RETRIES = 8
+DEADLINE_ENV = "LVM_GCS_DEADLINE_S"
+DEFAULT_DEADLINE_S = 60.0
+CONNECT_TIMEOUT_S = 10.0  # per TCP connection attempt: a blackholed endpoint costs this per try
+READ_TIMEOUT_S = (
+    30.0  # (or the deadline, when shorter) without a byte from the server: a hung server or stream
+)
+GCSFS_TRIES = 2  # gcsfs's tries per HTTP request: one quick retry of a blip inside a long stream
 BACKOFF_S = 0.5  # first wait between tries; doubles each try, capped at MAX_BACKOFF_S
 MAX_BACKOFF_S = 8.0
+GCS_ENDPOINT = "https://storage.googleapis.com"
+_TRANSIENT_HTTP = {408, 429, 500, 501, 502, 503, 504}
 _fs_lock = threading.Lock()
 _gcs = None
+_endpoint_down = False  # an operation gave up on an unreachable endpoint; cleared by the next success
+
+
+class StorageError(OSError):
+    """A `gs://` operation that failed for good; `str(err)` is one line naming the URI and the cause."""
 
 
 def is_gcs(uri: str) -> bool:
     return str(uri).startswith("gs://")
+
+
+def deadline_s() -> float:
+    """Seconds a failing `gs://` operation is retried (`LVM_GCS_DEADLINE_S`, default 60)."""
+    raw = os.environ.get(DEADLINE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_DEADLINE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"{DEADLINE_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _read_timeout_s() -> float:
+    return min(READ_TIMEOUT_S, deadline_s())
+
+
+def endpoint() -> str:
+    """The GCS API endpoint gcsfs talks to (`STORAGE_EMULATOR_HOST` when set, as gcsfs resolves it)."""
+    host = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if host in ("", "default"):
+        return GCS_ENDPOINT
+    return host if host.startswith(("http://", "https://")) else f"http://{host}"
+
+
+def _client_class(base):
+    """`base` (gcsfs's filesystem) with each HTTP request tried at most `GCSFS_TRIES` times: gcsfs bakes its
+    6 tries into its methods when the class is defined, so the undecorated methods are wrapped again."""
+    from gcsfs.retry import retry_request
+
+    overrides = {}
+    for name in ("_request", "_get_file_request", "_get_file_concurrent"):
+        raw = getattr(getattr(base, name, None), "__wrapped__", None)
+        if raw is not None:
+            overrides[name] = retry_request(retries=GCSFS_TRIES)(raw)
+    return type("BoundedGCSFileSystem", (base,), overrides)
 
 
 def gcs():
@@ -42,20 +100,27 @@ def gcs():
         if _gcs is None:
             # gcsfs 2026.x probes zonal/HNS bucket APIs that emulators do not serve (the client hangs).
             os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+            if "GCSFS_DEBUG" not in os.environ:  # its retry wrapper logs a traceback per failure; we say why
+                logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+            import aiohttp
             import gcsfs
 
-            if os.environ.get("STORAGE_EMULATOR_HOST"):
-                _gcs = gcsfs.GCSFileSystem(token="anon", project="test")
-            else:
-                _gcs = gcsfs.GCSFileSystem()
+            deadline = deadline_s()
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=min(CONNECT_TIMEOUT_S, deadline), sock_read=_read_timeout_s()
+            )
+            auth = {"token": "anon", "project": "test"} if os.environ.get("STORAGE_EMULATOR_HOST") else {}
+            cls = _client_class(gcsfs.GCSFileSystem)
+            _gcs = cls(requests_timeout=timeout, skip_instance_cache=True, **auth)
         return _gcs
 
 
 def reset_gcs_client() -> None:
     """Forget the cached gcsfs client (tests pointing at a new emulator; after a fork)."""
-    global _gcs
+    global _gcs, _endpoint_down
     with _fs_lock:
         _gcs = None
+        _endpoint_down = False
 
 
 def _strip(uri: str) -> str:
@@ -75,31 +140,106 @@ def dirname(uri: str) -> str:
     return uri.rsplit("/", 1)[0] if "/" in uri.rstrip("/") else "."
 
 
-def retry(fn: Callable[[], T], what: str, retries: int = RETRIES) -> T:
-    """`fn()`, retried with exponential backoff on I/O errors; FileNotFoundError is final."""
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _describe(err: Exception) -> tuple[str, bool, bool]:
+    """(the cause in words, final: no retry can help, unreachable: the endpoint could not be reached)."""
+    if isinstance(err, ImportError):
+        return f"cannot load the GCS client ({_first_line(err)}); pip install gcsfs", True, False
+    import aiohttp
+    from gcsfs.retry import HttpError, is_retriable
+
+    ep = endpoint()
+    if isinstance(err, aiohttp.ClientConnectorError):
+        if isinstance(err, getattr(aiohttp, "ClientConnectorDNSError", ())):
+            why = f"cannot resolve {err.host}"
+        elif isinstance(err.os_error, ConnectionRefusedError):
+            why = "connection refused"
+        else:
+            why = err.os_error.strerror or _first_line(err.os_error)
+        return f"cannot reach the GCS endpoint {ep} ({why})", False, True
+    if isinstance(err, getattr(aiohttp, "ConnectionTimeoutError", ())):
+        return f"cannot reach the GCS endpoint {ep} (no connection in {CONNECT_TIMEOUT_S:g} s)", False, True
+    if isinstance(err, TimeoutError):  # aiohttp's read timeouts are TimeoutErrors too
+        return f"the GCS endpoint {ep} did not answer for {_read_timeout_s():g} s", False, True
+    if isinstance(err, aiohttp.ClientError):
+        return f"the connection to {ep} failed ({type(err).__name__}: {_first_line(err)})", False, False
+    if isinstance(err, HttpError):
+        return f"the GCS server answered {err.code} ({_first_line(err)})", not is_retriable(err), False
+    if isinstance(err, PermissionError) or _first_line(err).startswith("Forbidden"):
+        return "access denied (403); check the credentials and the bucket's permissions", True, False
+    if isinstance(err, ValueError):  # gcsfs's "Bad Request" (an invalid bucket or object name)
+        return f"rejected: {_first_line(err)}", True, False
+    return f"{type(err).__name__}: {_first_line(err)}", False, False
+
+
+def _hint() -> str:
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        return "; is the GCS server at STORAGE_EMULATOR_HOST running?"
+    return "; check the network and credentials, or set STORAGE_EMULATOR_HOST to use a local GCS server"
+
+
+def retry(
+    fn: Callable[[], T], uri: str, doing: str = "reading", progress: Callable[[], int] | None = None
+) -> T:
+    """`fn()` on `uri`, retried with exponential backoff until `deadline_s()` after it began (restarted when
+    `progress()` grew). A missing object raises FileNotFoundError at once, a failure no retry can help (403, a
+    bad request) StorageError at once, anything else StorageError at the deadline; `doing` (e.g. "reading")
+    words the message. After one operation gave up on an unreachable endpoint, the next ones give up at their
+    first such failure (one success clears that): a job with many files fails in seconds, not a deadline each."""
+    global _endpoint_down
+    deadline = deadline_s()
+    began = since = time.monotonic()
     wait = BACKOFF_S
-    for attempt in range(retries):
+    mark = progress() if progress else 0
+    tries = 0
+    while True:
+        tries += 1
         try:
-            return fn()
+            result = fn()
         except FileNotFoundError:
-            raise
+            raise FileNotFoundError(f"{uri}: no such object") from None
         except Exception as err:  # gcsfs raises HttpError, aiohttp errors, OSError, ...
-            if attempt == retries - 1:
-                raise OSError(f"{what} failed after {retries} tries: {err}") from err
-            time.sleep(wait)
+            cause, final, unreachable = _describe(err)
+            if final:
+                raise StorageError(f"{uri}: {cause}") from err
+            now = time.monotonic()
+            if progress is not None and (got := progress()) != mark:  # a download got further
+                mark, since, wait = got, now, BACKOFF_S
+            left = deadline - (now - since)
+            at_once = unreachable and _endpoint_down and tries == 1
+            if at_once or left <= 0:
+                setting = f"{DEADLINE_ENV}={deadline:g}"
+                if at_once:
+                    why = f"not retried: the endpoint was unreachable for a whole {setting} s just before"
+                else:
+                    n = f"{tries} {'try' if tries == 1 else 'tries'}"
+                    why = f"gave up {doing} after {n} in {now - began:.1f} s ({setting})"
+                _endpoint_down = unreachable
+                raise StorageError(f"{uri}: {cause}; {why}{_hint() if unreachable else ''}") from err
+            time.sleep(min(wait, left))
             wait = min(wait * 2, MAX_BACKOFF_S)
-    raise AssertionError("unreachable")
+        else:
+            _endpoint_down = False
+            return result
+
+
+def _stat_size(uri: str) -> int:
+    return int(gcs().info(_strip(uri))["size"]) if is_gcs(uri) else os.path.getsize(uri)
 
 
 def exists(uri: str) -> bool:
     if is_gcs(uri):
-        return retry(lambda: gcs().exists(_strip(uri)), f"exists {uri}")
+        return retry(lambda: gcs().exists(_strip(uri)), uri, "checking it exists")
     return os.path.exists(uri)
 
 
 def size(uri: str) -> int:
     if is_gcs(uri):
-        return int(retry(lambda: gcs().info(_strip(uri))["size"], f"stat {uri}"))
+        return retry(lambda: _stat_size(uri), uri, "reading its size")
     return os.path.getsize(uri)
 
 
@@ -113,7 +253,7 @@ def listdir(uri: str) -> list[str]:
             return fs.ls(_strip(uri), detail=False)
 
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in retry(ls, f"list {uri}"))
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in retry(ls, uri, "listing"))
         except FileNotFoundError:
             return []
     return sorted(os.listdir(uri)) if os.path.isdir(uri) else []
@@ -127,15 +267,15 @@ def makedirs(uri: str) -> None:
 
 def read_bytes(uri: str) -> bytes:
     if is_gcs(uri):
-        expected = size(uri)
 
         def read():
+            expected = _stat_size(uri)
             data = gcs().cat_file(_strip(uri))
             if len(data) != expected:
                 raise OSError(f"short read: {len(data)} of {expected} bytes")
             return data
 
-        return retry(read, f"read {uri}")
+        return retry(read, uri, "reading")
     with open(uri, "rb") as f:
         return f.read()
 
@@ -147,7 +287,7 @@ def read_text(uri: str) -> str:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically (see the module docstring)."""
     if is_gcs(uri):
-        retry(lambda: gcs().pipe_file(_strip(uri), data), f"write {uri}")
+        retry(lambda: gcs().pipe_file(_strip(uri), data), uri, "writing")
         return
     folder = os.path.dirname(os.path.abspath(uri))
     os.makedirs(folder, exist_ok=True)
@@ -168,15 +308,23 @@ def write_json(uri: str, obj) -> None:
 
 
 def download(uri: str, local_path: str, chunk_bytes: int = 8 << 20) -> None:
-    """Stream a file to `local_path` (atomically, in bounded chunks), checking the byte count."""
+    """Stream a file to `local_path` (atomically, in bounded chunks), checking the byte count; a failed try
+    resumes where the last one stopped (unless the object's size changed)."""
     os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
     tmp = f"{local_path}.{uuid.uuid4().hex}.part"
+    seen_size = None  # the object's size when the bytes in `tmp` were read
+
+    def have() -> int:
+        return os.path.getsize(tmp) if os.path.exists(tmp) else 0
 
     def fetch():
-        expected = size(uri)
-        opener = (lambda: gcs().open(_strip(uri), "rb", block_size=chunk_bytes)) if is_gcs(uri) else None
-        with opener() if opener else open(uri, "rb") as src, open(tmp, "wb") as dst:
-            got = 0
+        nonlocal seen_size
+        expected = _stat_size(uri)
+        got = have() if expected == seen_size else 0  # resume, unless the object changed
+        seen_size = expected
+        src = gcs().open(_strip(uri), "rb", block_size=chunk_bytes) if is_gcs(uri) else open(uri, "rb")
+        with src, open(tmp, "ab" if got else "wb") as dst:
+            src.seek(got)
             while chunk := src.read(chunk_bytes):
                 dst.write(chunk)
                 got += len(chunk)
@@ -185,7 +333,7 @@ def download(uri: str, local_path: str, chunk_bytes: int = 8 << 20) -> None:
         os.replace(tmp, local_path)
 
     try:
-        retry(fetch, f"download {uri}")
+        retry(fetch, uri, "downloading", progress=have)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from lvm.data_pipeline.storage import StorageError
+
 # command name -> module defining `add_arguments(parser)` and `run(args) -> int | None`.
 COMMANDS = {
     "bench": "lvm.bench.cli",
@@ -24,6 +26,7 @@ COMMANDS = {
     "demo": "lvm.commands.demo",
     "eval-qa": "lvm.commands.eval_qa",
     "eval-needle": "lvm.commands.eval_needle",
+    "chat": "lvm.commands.chat",
 }
 
 
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, StorageError) as err:  # bad input, failed gs://: one line
         print(f"lvm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -3,9 +3,12 @@
 The step is `lvm.model.make_train_step` lowered with `jax.ShapeDtypeStruct` arguments that carry their
 shardings, so no weight is ever materialised. It is compiled ahead of time for a real TPU topology when `libtpu`
 is installed (`jax.experimental.topologies`, as MaxText's AOT compile does), otherwise for simulated CPU devices
-(an estimate only: the CPU compiler fuses, pads and schedules differently). XLA's memory analysis then gives
-per-device argument, output, aliased and temporary bytes; a plan that does not fit re-plans a few variants
-(more sp, rematerialisation, smaller chunks, more grad accumulation, more devices) and reports which fit.
+(an estimate only, and the report says so: the CPU compiler fuses, pads and schedules differently, so TPU memory
+can differ a lot). XLA's memory analysis then gives per-device argument, output, aliased and temporary bytes; a
+plan that does not fit re-plans a few variants (more sp, rematerialisation, smaller chunks, more grad
+accumulation, more devices) and reports which fit. Only variants that compile are offered: one that is invalid
+for the config, needs more simulated devices than the process has, or repeats another is listed, with why,
+under `not_offered`.
 """
 
 from __future__ import annotations
@@ -39,9 +42,11 @@ from lvm.optim import make_optimizer
 from lvm.sharding import make_mesh
 
 GIB = 1 << 30
+LIBTPU_HINT = "TPU compile needs libtpu: pip install -e '.[plan]'"
 CPU_NOTE = (
-    "compiled for simulated CPU devices: XLA's CPU compiler fuses, pads and schedules differently from TPU, so "
-    "these bytes are only an estimate of TPU memory; install libtpu (pip install -e '.[plan]') for a TPU compile"
+    "a CPU estimate, not a TPU verdict: XLA's CPU compiler fuses, pads and schedules differently from TPU, so TPU "
+    "memory can differ a lot (the 7B 1M-token stage on 256 v4 chips: 33.4 GiB per device on CPU, 11.6 GiB in "
+    "the TPU compile); for a TPU compile install libtpu: pip install -e '.[plan]'"
 )
 # a Mosaic (Pallas TPU) kernel in compiled HLO text: a custom call whose backend config carries the kernel's
 # serialized MLIR module in base64 (JSON inside the HLO text, its quotes escaped or not)
@@ -125,8 +130,8 @@ def cpu_devices(n: int) -> list:
     devices = jax.devices("cpu")
     if len(devices) < n:
         raise ConfigError(
-            f"the CPU fallback needs {n} simulated devices but jax has {len(devices)}; start python with "
-            f"XLA_FLAGS=--xla_force_host_platform_device_count={n} (`lvm plan` does this itself)"
+            f"the CPU estimate needs {n} simulated devices but this process has {len(devices)}: run `lvm plan`, "
+            f"which starts with enough, or call lvm.cpu_devices.simulate({n}) before jax is imported"
         )
     return devices[:n]
 
@@ -263,6 +268,16 @@ def plan(
     if "usable_hbm_bytes" in measured:
         margin = min(margin, measured["usable_hbm_bytes"] - measured["bytes"]["temporaries"])
     t = cfg.train
+    peak_gib, margin_gib = _gib(peak), _gib(abs(margin))
+    if target.devices is not None:
+        state = f"FITS, headroom {margin_gib} GiB" if fits else f"DOES NOT FIT, short {margin_gib} GiB"
+        verdict = f"peak {peak_gib} GiB of {memory} GiB per chip: {state}"
+    else:
+        state = f"{margin_gib} GiB to spare" if fits else f"{margin_gib} GiB over"
+        verdict = (
+            f"CPU estimate: peak {peak_gib} GiB of {memory} GiB per chip, {state}; TPU memory can differ a lot "
+            f"({target.tpu_hint})"
+        )
     report = {
         "stage": stage,
         "params": param_count(cfg.model),
@@ -281,7 +296,8 @@ def plan(
         "gib_per_device": {k: _gib(v) for k, v in measured["bytes"].items()},
         "chip_memory_gib": memory,
         "fits": fits,
-        "headroom_gib" if fits else "shortfall_gib": _gib(abs(margin)),
+        "headroom_gib" if fits else "shortfall_gib": margin_gib,
+        "verdict": verdict,
         "compile_s": measured["compile_s"],
     }
     if "mosaic_kernels" in measured:
@@ -291,6 +307,7 @@ def plan(
                 "the fused attention kernel was chosen but the compiled step has no Mosaic kernel"
             )
     if target.note:
+        report["cpu_estimate"] = True
         report["note"] = target.note
     for key in ("compile_error",):
         if measured.get(key):
@@ -298,7 +315,9 @@ def plan(
     if "usable_hbm_bytes" in measured:
         report["usable_hbm_gib"] = _gib(measured["usable_hbm_bytes"])
     if suggest and not report["fits"]:
-        report["suggestions"] = suggestions(cfg, devices, memory, target)
+        report["suggestions"], not_offered = suggestions(cfg, devices, memory, target)
+        if not_offered:
+            report["not_offered"] = not_offered
     return report
 
 
@@ -307,7 +326,7 @@ class _Target:
 
     def __init__(self, backend: str, chip: str, topology: str | None):
         self.backend, self.chip, self.topology, self.note = backend, chip, topology, None
-        self.devices, self.label = None, None
+        self.devices, self.label, self.tpu_hint = None, None, None
         if backend != "cpu":
             try:
                 self.devices = tpu_devices(topology)
@@ -318,8 +337,11 @@ class _Target:
                         f"TPU ahead-of-time compile for {topology} is unavailable: {err}"
                     ) from err
                 self.label = f"cpu-simulated (fallback: {_one_line(err)})"
+                if importlib.util.find_spec("libtpu") is not None:
+                    self.tpu_hint = f"the TPU compile failed: {_one_line(err)}"
         if self.devices is None:
             self.label = self.label or "cpu-simulated (requested)"
+            self.tpu_hint = self.tpu_hint or LIBTPU_HINT
             self.note = CPU_NOTE
 
     @property
@@ -466,18 +488,37 @@ def variants(cfg: Config, devices: int, platform: str = "cpu") -> list[tuple[str
     return out + [(f"devices x2 ({devices * 2}, {axis} x2)", devices * 2, {"mesh": more})]
 
 
-def suggestions(cfg: Config, devices: int, memory_gib: float, target: _Target) -> list[dict]:
-    """Re-plan each variant; report its peak and whether it fits (or why it cannot be planned)."""
-    out = []
+def suggestions(
+    cfg: Config, devices: int, memory_gib: float, target: _Target
+) -> tuple[list[dict], list[dict]]:
+    """Re-plan each variant: (the variants that compiled, with their peak and whether they fit; the variants not
+    offered, with why: invalid for this config, more simulated devices than this process has, or the same plan
+    as the current one or an earlier variant)."""
+    offered, not_offered = [], []
+    seen = {_plan_key(cfg, devices): "the current config"}
     for change, n, replace in variants(cfg, devices, target.platform):
-        entry = {"change": change, "devices": n}
+        variant = dataclasses.replace(cfg, **replace)
         try:
-            measured = target.compile(dataclasses.replace(cfg, **replace), n)
+            available = len(jax.devices("cpu"))
+            if target.devices is None and n > available:
+                raise ConfigError(f"needs {n} simulated CPU devices; this process has {available}")
+            key = _plan_key(variant, n)
+            if key in seen:
+                raise ConfigError(f"the same plan as {seen[key]}")
+            seen[key] = change
+            variant.check_batch_shape(variant.train.microbatch, variant.train.seq_len, n)
+            attention_kernel(variant, variant.mesh.resolve(n), target.platform)
+            measured = target.compile(variant, n)
         except (ConfigError, ValueError) as err:
-            entry["error"] = _one_line(err)
-        else:
-            peak = measured["bytes"]["peak"]
-            entry.update(peak_gib=_gib(peak), fits=_fits(measured, memory_gib), mesh=str(measured["mesh"]))
-            entry.update({k: True for k in ("tpu_compile_oom", "split_physical_axes") if measured.get(k)})
-        out.append(entry)
-    return out
+            not_offered.append({"change": change, "devices": n, "why": _one_line(err)})
+            continue
+        entry = {"change": change, "devices": n, "peak_gib": _gib(measured["bytes"]["peak"])}
+        entry.update(fits=_fits(measured, memory_gib), mesh=str(measured["mesh"]))
+        entry.update({k: True for k in ("tpu_compile_oom", "split_physical_axes") if measured.get(k)})
+        offered.append(entry)
+    return offered, not_offered
+
+
+def _plan_key(cfg: Config, devices: int) -> tuple[int, str]:
+    """What a plan compiles: the device count and the config with its mesh resolved (equal keys, equal plans)."""
+    return devices, repr(dataclasses.replace(cfg, mesh=cfg.mesh.resolve(devices)))

@@ -37,10 +37,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    simulated = args.devices * (1 if args.no_suggest else 2)  # the "devices x2" suggestion compiles too
     if _cpu_devices_short(args):  # jax fixed its CPU device count at import: rerun with enough of them
-        env = {**cpu_devices.cpu_env(args.devices), CHILD_ENV: "1"}
+        env = {**cpu_devices.cpu_env(simulated), CHILD_ENV: "1"}
         return subprocess.run([sys.executable, "-m", "lvm.cli", "plan", *_argv(args)], env=env).returncode
-    cpu_devices.simulate(args.devices, cpu_only=True)  # libtpu is only used for ahead-of-time compiles
+    cpu_devices.simulate(simulated, cpu_only=True)  # libtpu is only used for ahead-of-time compiles
 
     from lvm.curriculum import resolve_config
     from lvm.planner import plan
@@ -70,17 +71,12 @@ def summary(r: dict) -> str:
     """A few human-readable lines of a plan report."""
     g = r["gib_per_device"]
     mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
-    verdict = (
-        f"FITS, headroom {r['headroom_gib']} GiB"
-        if r["fits"]
-        else f"DOES NOT FIT, short {r['shortfall_gib']} GiB"
-    )
     lines = [
         f"plan {r['stage'] or r.get('config', '')}: {r['params'] / 1e9:.2f}B params, mesh {mesh}, {r['devices']} devices, "
         f"{r['backend']} ({r['device_kind']}), compile {r['compile_s']} s",
         "GiB/device: "
         + "  ".join(f"{k} {g[k]}" for k in ("params", "opt_state", "batch", "temporaries", "peak")),
-        f"peak {g['peak']} GiB of {r['chip_memory_gib']} GiB per chip: {verdict}",
+        r["verdict"],
     ]
     if "attention" in r:
         lines.append(attention_line(r["attention"]))
@@ -88,10 +84,12 @@ def summary(r: dict) -> str:
         if key in r:
             lines.append(f"{key}: {r[key]}")
     for s in r.get("suggestions", []):
-        result = (
-            s.get("error") or f"peak {s['peak_gib']} GiB on mesh {s['mesh']}: {'fits' if s['fits'] else 'no'}"
-        )
+        result = f"peak {s['peak_gib']} GiB on mesh {s['mesh']}: {'fits' if s['fits'] else 'does not fit'}"
+        if s["peak_gib"] >= g["peak"]:
+            result += " (no lower than now)"
         lines.append(f"  try {s['change']:<40} {result}")
+    if "suggestions" in r and not r["suggestions"]:
+        lines.append("no suggestion: no variant can be planned here (the JSON's not_offered says why)")
     return "\n".join(lines)
 
 

@@ -94,7 +94,15 @@ def test_argument_bytes_match_shapes_and_shardings(tiny, planned):
 def test_fallback_says_so_and_allocates_no_weights(planned):
     report, grown = planned
     assert report["backend"].startswith("cpu-simulated (fallback: no libtpu")
-    assert "only an estimate of TPU memory" in report["note"]
+    assert report["cpu_estimate"] and "a CPU estimate, not a TPU verdict" in report["note"]
+    # the verdict reads as an estimate, not as a TPU verdict, and says how to get one
+    peak = report["gib_per_device"]["peak"]
+    assert report["verdict"].startswith(f"CPU estimate: peak {peak} GiB of 32.0 GiB per chip, ")
+    assert (
+        "TPU memory can differ a lot (TPU compile needs libtpu: pip install -e '.[plan]')"
+        in report["verdict"]
+    )
+    assert "FITS" not in report["verdict"]
     assert grown < report["bytes_per_device"]["params"]  # nothing parameter-sized was materialised
 
 
@@ -103,16 +111,62 @@ def test_too_small_chip_reports_shortfall_and_suggestions(tmp_path, capsys):
     out = tmp_path / "plan.json"
     run_command("plan", [*TINY, "--backend", "cpu", "--chip-memory", "0.0001", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert json.loads(capsys.readouterr().out) == report
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == report
     assert not report["fits"] and report["shortfall_gib"] == pytest.approx(
         report["gib_per_device"]["peak"] - 1e-4, rel=0.01
     )
+    assert report["verdict"].startswith("CPU estimate: peak ") and report["verdict"] in captured.err
+    # every suggestion offered compiled; the rest are listed with why, and never shown as a failed "try"
     changes = {s["change"].split(" (")[0]: s for s in report["suggestions"]}
-    assert {"sp x2", "attention chunks /2", "train.grad_accum=2", "devices x2"} <= set(changes)
-    planned_ok = [s for s in report["suggestions"] if "peak_gib" in s]
-    assert planned_ok and all(s["peak_gib"] > 0 and not s["fits"] for s in planned_ok)
+    assert {"sp x2", "attention chunks /2"} <= set(changes)
+    assert all(set(s) >= {"peak_gib", "fits", "mesh"} and s["peak_gib"] > 0 for s in report["suggestions"])
+    assert not any(s["fits"] for s in report["suggestions"])
     assert changes["attention chunks /2"]["peak_gib"] < report["gib_per_device"]["peak"]
-    assert "16 simulated devices" in changes["devices x2"]["error"]  # tests have 8
+    not_offered = {s["change"].split(" (")[0]: s["why"] for s in report["not_offered"]}
+    assert not_offered["devices x2"] == "needs 16 simulated CPU devices; this process has 8"  # tests have 8
+    assert "is not divisible by dp*fsdp=2" in not_offered["train.grad_accum=2"]  # batch 2 over 2 rows
+    assert "XLA_FLAGS" not in captured.err + captured.out and "devices x2" not in captured.err
+
+
+def test_suggestions_are_distinct_plans_that_compile(tiny, monkeypatch):
+    """Variants that repeat the current plan or an earlier variant, are invalid for the config or need more
+    devices than the process has are not compiled and not offered."""
+    import dataclasses
+
+    monkeypatch.setattr(
+        planner,
+        "variants",
+        lambda cfg, devices, platform: [
+            ("model.remat=full", 8, {"model": dataclasses.replace(cfg.model, remat="full")}),  # already full
+            ("model.remat=dots", 8, {"model": dataclasses.replace(cfg.model, remat="dots")}),
+            ("remat dots again", 8, {"model": dataclasses.replace(cfg.model, remat="dots")}),
+            ("mesh spelled out", 8, {"mesh": cfg.mesh.resolve(8)}),
+            ("train.grad_accum=2", 8, {"train": dataclasses.replace(cfg.train, grad_accum=2)}),
+            ("devices x2", 16, {"mesh": dataclasses.replace(cfg.mesh, sp=8)}),
+        ],
+    )
+    compiled = []
+
+    class CpuTarget:
+        devices, platform = None, "cpu"
+
+        def compile(self, cfg, n):
+            compiled.append(cfg.model.remat)
+            return {"bytes": {"peak": planner.GIB}, "mesh": cfg.mesh.resolve(n)}
+
+    offered, not_offered = planner.suggestions(tiny, 8, 0.5, CpuTarget())
+    assert compiled == ["dots"]
+    assert [s["change"] for s in offered] == ["model.remat=dots"]
+    assert offered[0]["peak_gib"] == 1.0 and not offered[0]["fits"]
+    assert {s["change"]: s["why"] for s in not_offered} == {
+        "model.remat=full": "the same plan as the current config",
+        "remat dots again": "the same plan as model.remat=dots",
+        "mesh spelled out": "the same plan as the current config",
+        "train.grad_accum=2": "batch size 1 is not divisible by dp*fsdp=2 (the batch is sharded over both); "
+        "use a multiple of 2",
+        "devices x2": "needs 16 simulated CPU devices; this process has 8",
+    }
 
 
 @pytest.mark.parametrize(
