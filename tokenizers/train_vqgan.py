@@ -8,7 +8,11 @@ Codes unused for `train.restart_every` steps are re-seeded from encoder outputs 
 every code is, which initialises the codebook from data).
 
 Workdir layout: a VQGAN folder (see `lvm.tokenizers.vqgan`: `config.yaml`, `checkpoints/`),
-`tb/` (TensorBoard), `images/step_XXXXXXX.png` (originals left, reconstructions right).
+`tb/` (TensorBoard), `images/step_XXXXXXX.png` (originals left, reconstructions right), `skipped_videos.json`.
+
+Bad videos (missing, empty, truncated, corrupt) never stop a run: training skips them (each one a line on stderr
+and an entry of `skipped_videos.json`, see `JobReport`) and fails up front only when no video is readable;
+evaluation leaves them out of the metrics and lists them in its result.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lvm.job_report import JobReport, attempt
 from lvm.tokenizers import metrics, video
 from lvm.tokenizers.config import VQGANConfig
 from lvm.tokenizers.quantizer import restart_dead_codes
@@ -212,6 +217,8 @@ def _items(state: dict, arg) -> ocp.args.Composite:
 
 # Training loop ----------------------------------------------------------------------------------------------
 
+SKIPPED_VIDEOS = "skipped_videos.json"  # in the workdir: the videos training could not read
+
 
 def _image_grid(originals: np.ndarray, recons: np.ndarray, max_rows: int = 8) -> np.ndarray:
     """uint8 grid: one row per frame, original on the left, reconstruction on the right."""
@@ -229,15 +236,25 @@ def train(
     devices=None,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train (or resume, when `workdir` has a checkpoint) until `steps` total steps; returns the last metrics."""
+    """Train (or resume, when `workdir` has a checkpoint) until `steps` total steps; returns the last metrics and
+    `skipped_videos`, the number of unreadable videos left out (listed in `workdir/skipped_videos.json`)."""
+    paths = video.list_videos(videos)
+    workdir = Path(workdir)
+    save_config(cfg, workdir)
+    skipped = JobReport("lvm train-vqgan", workdir / SKIPPED_VIDEOS, lambda: {"videos": len(paths)})
+    with skipped:
+        lengths = video.readable_videos(paths, skipped)
+        last = _train(cfg, lengths, steps, workdir, devices, progress, skipped)
+    return {**last, "skipped_videos": len(skipped.failures)}
+
+
+def _train(cfg, lengths, steps, workdir, devices, progress, skipped) -> dict[str, float]:
+    """The training loop over the readable videos (`lengths`: path -> frame count); the last metrics."""
     from PIL import Image
     from tensorboardX import SummaryWriter
     from tqdm import tqdm
 
     tc = cfg.train
-    paths = video.list_videos(videos)
-    workdir = Path(workdir)
-    save_config(cfg, workdir)
     trainer = Trainer(cfg, devices)
     state = trainer.init_state()
     mngr = checkpoint_manager(workdir)
@@ -246,8 +263,9 @@ def train(
         restored = mngr.restore(start, args=_items(state, ocp.args.StandardRestore))
         state = jax.device_put({**restored["model"], **restored["train"]}, trainer.replicated)
     frames_iter = video.sample_frames(
-        paths, trainer.batch_size, tc.frames_per_video, cfg.model.resolution, seed=tc.seed + start
-    )
+        list(lengths), trainer.batch_size, tc.frames_per_video, cfg.model.resolution, tc.seed + start,
+        lengths, skipped,
+    )  # fmt: skip
     writer = SummaryWriter(str(workdir / "tb"))
     (workdir / "images").mkdir(exist_ok=True)
     last: dict[str, float] = {}
@@ -280,25 +298,35 @@ def train(
 
 
 def evaluate(
-    tokenizer: VQGANTokenizer, videos: str | os.PathLike, frames_per_video: int = 16
+    tokenizer: VQGANTokenizer,
+    videos: str | os.PathLike,
+    frames_per_video: int = 16,
+    report: JobReport | None = None,
 ) -> dict[str, Any]:
-    """Reconstruction PSNR and SSIM (mean over frames) and codebook usage/perplexity over a folder of videos."""
+    """Reconstruction PSNR and SSIM (mean over frames) and codebook usage/perplexity over a folder of videos.
+    With `report`, an unreadable video is recorded there and left out (`ValueError` when none is readable);
+    without it, its `VideoError` is raised."""
     paths = video.list_videos(videos)
     psnrs, ssims = [], []
     counts = np.zeros(tokenizer.cfg.codebook_size, np.int64)
     for path in paths:
-        frames = video.evenly_spaced_frames(path, frames_per_video, tokenizer.cfg.resolution)
+        read = functools.partial(video.evenly_spaced_frames, path, frames_per_video, tokenizer.cfg.resolution)
+        frames = attempt(report, path, read)
+        if frames is None:
+            continue
         codes = tokenizer.encode(frames)
         recon = tokenizer.decode(codes)
         psnrs.append(np.asarray(metrics.psnr(frames, recon)))
         ssims.append(np.asarray(metrics.ssim(frames, recon)))
         counts += np.bincount(codes.reshape(-1), minlength=len(counts))
+    if not psnrs:
+        raise ValueError(f"none of the {len(paths)} videos in {videos} could be read")
     psnr_all, ssim_all = np.concatenate(psnrs), np.concatenate(ssims)
     return {
         "psnr": float(psnr_all.mean()),
         "ssim": float(ssim_all.mean()),
         **metrics.code_stats(counts),
-        "videos": len(paths),
+        "videos": len(psnrs),
         "frames": int(len(psnr_all)),
         "codebook_size": int(tokenizer.cfg.codebook_size),
     }

@@ -1,18 +1,30 @@
-"""Video input: list videos from a folder or manifest, decode frames with decord, resize and centre-crop them."""
+"""Video input: list videos from a folder or manifest, decode frames with decord, resize and centre-crop them;
+an unreadable video is a `VideoError` that a job's `lvm.job_report.JobReport` records before going on."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from lvm.job_report import JobReport, attempt
+
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
 
 
+class VideoError(ValueError):
+    """A video that cannot be read; the message names the file and the cause."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read the video {path}: {reason}")
+
+
 def list_videos(source: str | os.PathLike) -> list[str]:
-    """Video paths in a folder (recursively, sorted) or a manifest file (one path per line, relative to it)."""
+    """Video paths in a folder (recursively, sorted) or a manifest file (one path per line, relative to it).
+    A manifest may name missing files: they fail when read."""
     source = Path(source)
     if source.is_dir():
         paths = sorted(str(p) for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
@@ -26,10 +38,22 @@ def list_videos(source: str | os.PathLike) -> list[str]:
     return paths
 
 
-def num_frames(path: str) -> int:
-    import decord
+def _reader(path: str):
+    """A decord VideoReader of a local file; `VideoError` (not found, empty, truncated or corrupt, no video
+    stream, no frames) when there is none."""
+    from lvm.data_pipeline.decode import DecodeError, _open
 
-    return len(decord.VideoReader(path, num_threads=1))
+    try:
+        reader = _open(path, threads=1)
+    except DecodeError as err:
+        raise VideoError(path, str(err)) from None
+    if len(reader) == 0:
+        raise VideoError(path, "no frames")
+    return reader
+
+
+def num_frames(path: str) -> int:
+    return len(_reader(path))
 
 
 def read_frames(path: str, indices, resolution: int) -> np.ndarray:
@@ -37,9 +61,13 @@ def read_frames(path: str, indices, resolution: int) -> np.ndarray:
 
     The shorter side is resized to `resolution` (antialiased), then the centre square is cropped.
     """
-    import decord
-
-    frames = decord.VideoReader(path, num_threads=1).get_batch(list(indices)).asnumpy()  # [n, h, w, 3]
+    indices = list(indices)
+    reader = _reader(path)
+    try:
+        frames = reader.get_batch(indices).asnumpy()  # [n, h, w, 3]
+    except Exception as err:  # decord raises bare RuntimeErrors (with a C++ log line) for a damaged stream
+        cause = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise VideoError(path, f"decode failed at frame {indices[0] if indices else 0}: {cause}") from None
     return resize_crop(frames, resolution)
 
 
@@ -59,23 +87,60 @@ def resize_crop(frames: np.ndarray, resolution: int) -> np.ndarray:
     return np.stack(out).reshape(len(frames), resolution, resolution, 3)
 
 
+def readable_videos(paths: list[str], report: JobReport) -> dict[str, int]:
+    """Frame counts of the videos that open; each that does not is recorded in `report`. `ValueError` when none
+    does."""
+    lengths = {}
+    for path in paths:
+        n = attempt(report, path, functools.partial(num_frames, path))
+        if n is not None:
+            lengths[path] = n
+    if not lengths:
+        raise ValueError(f"none of the {len(paths)} videos could be read (listed in {report.path})")
+    return lengths
+
+
 def sample_frames(
-    paths: list[str], batch_size: int, frames_per_video: int, resolution: int, seed: int
+    paths: list[str],
+    batch_size: int,
+    frames_per_video: int,
+    resolution: int,
+    seed: int,
+    lengths: dict[str, int] | None = None,
+    report: JobReport | None = None,
 ) -> Iterator[np.ndarray]:
-    """Endless batches uint8 `[batch_size, R, R, 3]`: random videos, random frames of each (sorted)."""
+    """Endless batches uint8 `[batch_size, R, R, 3]`: random videos, random frames of each (sorted).
+
+    `lengths` (path -> frame count, from `readable_videos`) saves opening each video twice. With `report`, a
+    video that fails to decode is recorded there and no longer sampled (`ValueError` once none is left);
+    without it, its `VideoError` is raised."""
     rng = np.random.default_rng(seed)
-    lengths: dict[str, int] = {}
+    pool = list(paths)
+    lengths = dict(lengths or {})
     while True:
         batch, have = [], 0
         while have < batch_size:
-            path = paths[rng.integers(len(paths))]
-            if path not in lengths:
-                lengths[path] = num_frames(path)
-            k = min(frames_per_video, lengths[path], batch_size - have)
-            idx = np.sort(rng.choice(lengths[path], size=k, replace=False))
-            batch.append(read_frames(path, idx, resolution))
-            have += k
+            if not pool:
+                raise ValueError(f"none of the {len(paths)} videos could be read")
+            path = pool[rng.integers(len(pool))]
+            most = min(frames_per_video, batch_size - have)
+            frames = attempt(
+                report, path, functools.partial(_random_frames, path, most, lengths, resolution, rng)
+            )
+            if frames is None:  # recorded in the report
+                pool.remove(path)
+                continue
+            batch.append(frames)
+            have += len(frames)
         yield np.concatenate(batch)
+
+
+def _random_frames(path: str, most: int, lengths: dict[str, int], resolution: int, rng) -> np.ndarray:
+    """Up to `most` random frames of a video (in order); its frame count is cached in `lengths`."""
+    if path not in lengths:
+        lengths[path] = num_frames(path)
+    k = min(most, lengths[path])
+    return read_frames(path, np.sort(rng.choice(lengths[path], size=k, replace=False)), resolution)
 
 
 def evenly_spaced_frames(path: str, count: int, resolution: int) -> np.ndarray:

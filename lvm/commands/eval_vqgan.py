@@ -1,12 +1,19 @@
-"""Evaluate a trained VQGAN on a folder of videos: PSNR, SSIM, codebook usage and perplexity as JSON."""
+"""Evaluate a trained VQGAN on a folder of videos: PSNR, SSIM, codebook usage and perplexity as JSON.
+
+Unreadable videos (missing, empty, truncated, corrupt) are left out, each named with its cause on stderr and
+listed in the JSON (`failed`, `failures`). Exit status: 0; 3 when some videos were left out; 2 when none is
+readable (the JSON still lists them) or the arguments are wrong.
+"""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 
 def add_arguments(parser) -> None:
+    from lvm.job_report import EXIT_HELP
+
+    parser.epilog = EXIT_HELP
     parser.add_argument("--checkpoint", required=True, help="the --workdir of `lvm train-vqgan`")
     parser.add_argument(
         "--videos", required=True, help="folder of videos, or a manifest with one path per line"
@@ -18,11 +25,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from lvm.job_report import JobReport
     from lvm.tokenizers.train_vqgan import evaluate
     from lvm.tokenizers.vqgan import VQGANTokenizer
 
-    result = evaluate(VQGANTokenizer.load(args.checkpoint), args.videos, args.frames_per_video)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return 0
+    tokenizer = VQGANTokenizer.load(args.checkpoint)
+    result: dict = {"checkpoint": str(args.checkpoint), "data": str(args.videos)}
+    with JobReport("lvm eval-vqgan", args.out, lambda: result) as report:
+        result.update(evaluate(tokenizer, args.videos, args.frames_per_video, report))
+    print(json.dumps({"out": str(args.out), "failed": len(report.failures), **result}))
+    return report.exit_code

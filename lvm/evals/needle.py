@@ -13,6 +13,9 @@ number?" in the chat template; correct when the generated answer contains N. Vid
 frames (evenly resampled or repeated to the length) with the needle frames spliced in, asked through the
 video-first context; correct when the answer contains the expected text (case-insensitive), and with `options`
 also scored by option log-likelihood. `accuracy[i][j]` is the cell of `lengths[i]` and `depths[j]`.
+
+Both grids take `result`, a dict they keep equal to the grid so far (a caller keeps the finished cells when a
+later one fails), and `report`, a `JobReport` saved after each cell.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lvm.evals.scores import accuracy, accuracy_table, most_likely
+from lvm.job_report import JobReport
 from lvm.tokenizers import format as fmt
 
 # LWM's needle filler (after Paul Graham's essays, a repetitive text that holds no numbers).
@@ -63,6 +67,8 @@ def text_needle_grid(
     seed: int = 0,
     max_new_tokens: int = 12,
     progress: bool = False,
+    result: dict | None = None,
+    report: JobReport | None = None,
 ) -> dict:
     """Accuracy of finding "The magic number is N." in `lengths` tokens of filler at each depth (`trials`
     random numbers per cell)."""
@@ -75,7 +81,7 @@ def text_needle_grid(
         )
     rng = np.random.default_rng(seed)
     filler_sentences = sentences(filler)
-    cells = []
+    cells = _Cells("text", "tokens", lengths, depths, result, report, question=TEXT_QUESTION)
     bar = _bar(len(lengths) * len(depths) * trials, progress)
     for length in lengths:
         for depth in depths:
@@ -86,13 +92,13 @@ def text_needle_grid(
                 )
                 prompt = fmt.text_chat(haystack, TEXT_QUESTION)
                 answer = model.generate_text(prompt, max_new_tokens=max_new_tokens).strip()
-                cells.append(
+                cells.add(
                     {"length": length, "depth": depth, "expected": number, "answer": answer,
                      "correct": number in answer}
                 )  # fmt: skip
                 bar.update()
     bar.close()
-    return _grid("text", "tokens", lengths, depths, cells, question=TEXT_QUESTION)
+    return cells.grid
 
 
 def haystack_frames(codes: np.ndarray, n: int) -> np.ndarray:
@@ -126,6 +132,8 @@ def video_needle_grid(
     *,
     max_new_tokens: int = 12,
     progress: bool = False,
+    result: dict | None = None,
+    report: JobReport | None = None,
 ) -> dict:
     """Accuracy of answering `question` (expected `answer`) about the needle frames spliced into `lengths`
     frames of haystack at each depth; with `options`, also by option log-likelihood (answer must be one)."""
@@ -140,7 +148,7 @@ def video_needle_grid(
             f"{max(lengths)} frames do not fit the model's context of {model.context} tokens (at most {fit} "
             f"frames with the question and answer); give smaller --lengths"
         )
-    cells = []
+    cells = _Cells("video", "frames", lengths, depths, result, report, question=question, options=options)
     bar = _bar(len(lengths) * len(depths), progress)
     for length in lengths:
         for depth in depths:
@@ -152,21 +160,36 @@ def video_needle_grid(
                 scores = model.option_logprobs(ctx, question, options)
                 choice = most_likely(options, scores)
                 cell.update(option_scores=scores, option_choice=choice, option_correct=choice == answer)
-            cells.append(cell)
+            cells.add(cell)
             bar.update()
     bar.close()
-    return _grid("video", "frames", lengths, depths, cells, question=question, options=options)
+    return cells.grid
 
 
-def _grid(mode: str, unit: str, lengths, depths, cells: list[dict], **extra) -> dict:
-    """Accuracy tables [len(lengths), len(depths)] (mean over each cell's trials) and the cells themselves."""
-    out = {"mode": mode, "unit": unit, "lengths": list(lengths), "depths": list(depths), **extra}
-    out["accuracy"] = accuracy_table(cells, lengths, depths)
-    out["mean_accuracy"] = accuracy(cells)
-    if cells and "option_correct" in cells[0]:
-        out["option_accuracy"] = accuracy_table(cells, lengths, depths, "option_correct")
-    out["cells"] = cells
-    return out
+class _Cells:
+    """The finished cells of a grid and the grid they make: accuracy tables [len(lengths), len(depths)] (mean
+    over each cell's trials) and the cells themselves, kept in `result` and saved to `report` after each cell."""
+
+    def __init__(self, mode: str, unit: str, lengths, depths, result: dict | None, report, **extra):
+        self.lengths, self.depths, self.report = list(lengths), list(depths), report
+        self.cells: list[dict] = []
+        self.grid = {} if result is None else result
+        self.grid.update(mode=mode, unit=unit, lengths=self.lengths, depths=self.depths, **extra)
+        self._update()
+
+    def add(self, cell: dict) -> None:
+        self.cells.append(cell)
+        self._update()
+        if self.report is not None:
+            self.report.save()
+
+    def _update(self) -> None:
+        cells, lengths, depths = self.cells, self.lengths, self.depths
+        self.grid["accuracy"] = accuracy_table(cells, lengths, depths)
+        self.grid["mean_accuracy"] = accuracy(cells)
+        if cells and "option_correct" in cells[0]:
+            self.grid["option_accuracy"] = accuracy_table(cells, lengths, depths, "option_correct")
+        self.grid["cells"] = cells
 
 
 def procedural_frames(n: int, resolution: int, rgb: tuple[int, int, int] | None = None, seed: int = 0):

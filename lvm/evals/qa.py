@@ -7,7 +7,10 @@ the line has a `video` field (a path, relative to `video_dir` or absolute, or a 
     items = read_questions("videomme.jsonl")
     report = evaluate(load_model("runs/demo/export"), items, video_dir="videos/")
 
-Each video is encoded and prefilled once (one `video_context`) for all of its questions. Two scores per question:
+Each video is encoded and prefilled once (one `video_context`) for all of its questions. `score_videos` yields the
+records as they are scored; with a `JobReport`, a video that cannot be read (missing, truncated, corrupt) or a
+question that cannot be asked is recorded there and its questions are left out of the scores. Two scores per
+question:
 
 - log-likelihood: `Model.option_logprobs` of the option texts (letters stripped) after the bare question; the
   most likely option is the choice (no generation, so it works for models that never learned the letter format);
@@ -18,12 +21,15 @@ Each video is encoded and prefilled once (one `video_context`) for all of its qu
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 from lvm.evals.scores import accuracy, most_likely
+from lvm.job_report import JobReport, attempt
 from lvm.tokenizers import format as fmt
 
 LETTERS = "ABCDEFGHIJ"
@@ -87,10 +93,10 @@ def parse_letter(text: str, n_options: int) -> str | None:
 
 def aggregate(records: list[dict], groups: Iterable[str] = GROUPS) -> dict:
     """Overall and per-group accuracy of each method, count and chance level of question records (each has
-    `n_options`, `{method}_correct` and the group fields)."""
+    `n_options`, `{method}_correct` and the group fields); NaN where there are no records."""
 
     def summary(rs: list[dict]) -> dict:
-        out = {"count": len(rs), "chance": sum(1 / r["n_options"] for r in rs) / len(rs)}
+        out = {"count": len(rs), "chance": sum(1 / r["n_options"] for r in rs) / len(rs) if rs else math.nan}
         out.update({m: accuracy(rs, f"{m}_correct") for m in METHODS})
         return out
 
@@ -98,7 +104,7 @@ def aggregate(records: list[dict], groups: Iterable[str] = GROUPS) -> dict:
     for g in groups:
         by: dict[str, list[dict]] = defaultdict(list)
         for r in records:
-            by[str(r.get(g, "unknown"))].append(r)
+            by[str(r.get(g) if r.get(g) is not None else "unknown")].append(r)
         report[f"by_{g}"] = {k: summary(v) for k, v in sorted(by.items())}
     return report
 
@@ -120,32 +126,74 @@ def evaluate(
     items: list[dict],
     video_dir: str | Path | None = None,
     *,
+    report: JobReport | None = None,
+    records: list[dict | None] | None = None,
+    **options,
+) -> dict:
+    """Score every question with both methods (`options`: those of `score_videos`): `summarize` of the records.
+    With `report`, bad inputs are recorded there and it is saved as each question is scored; `records` (one
+    entry per item, None until scored) is filled in as they are, so a caller keeps them when a later error stops
+    the run."""
+    records = [None] * len(items) if records is None else records
+    for i, record in score_videos(model, items, video_dir, report=report, **options):
+        records[i] = record
+        if report is not None:
+            report.save()
+    return summarize(records)
+
+
+def summarize(records: list[dict | None]) -> dict:
+    """`aggregate` of the scored records (None: not scored) with the count of questions and the records."""
+    done = [r for r in records if r is not None]
+    return {"questions": len(records), "scored": len(done), **aggregate(done), "records": done}
+
+
+def score_videos(
+    model,
+    items: list[dict],
+    video_dir: str | Path | None = None,
+    *,
     max_new_tokens: int = 8,
     fps: float | None = None,
     num_frames: int | None = None,
     max_frames: int | None = None,
     progress: bool = True,
-) -> dict:
-    """Score every question with both methods; the report of `aggregate` plus per-question `records`."""
+    report: JobReport | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """(index in `items`, record) of each question as it is scored, video by video. With `report`, a video that
+    cannot be read or a question that cannot be asked is recorded there (input: the video, with the ids of the
+    questions left out) and the rest goes on; without it, the error is raised."""
     from tqdm import tqdm
 
     by_video: dict[str, list[tuple[int, dict]]] = defaultdict(list)
     for i, item in enumerate(items):
         by_video[video_uri(item, video_dir)].append((i, item))
-    records: list[dict | None] = [None] * len(items)
+    frames = dict(fps=fps, num_frames=num_frames, max_frames=max_frames)
     bar = tqdm(total=len(items), desc="eval-qa", unit="q", disable=not progress)
     for uri, questions in by_video.items():
-        room = _room(model, [q for _, q in questions], max_new_tokens)
-        codes = model.read_video(uri, fps=fps, num_frames=num_frames, max_frames=max_frames, reserve=room)
-        ctx = model.video_context(codes, room)
-        for i, q in questions:
-            records[i] = score_question(model, ctx, q, max_new_tokens)
-            records[i].update(video=uri, frames=len(codes))
+        ids = [q.get("question_id", i) for i, q in questions]
+        read = partial(_video_context, model, uri, questions, max_new_tokens, frames)
+        video = attempt(report, uri, read, questions=ids)
+        if video is None:  # recorded in the report: this video's questions are left out
+            bar.update(len(questions))
+            continue
+        ctx, n_frames = video
+        for (i, q), qid in zip(questions, ids, strict=True):
+            record = attempt(
+                report, uri, partial(score_question, model, ctx, q, max_new_tokens), questions=[qid]
+            )
             bar.update()
+            if record is not None:
+                record.update(video=uri, frames=n_frames)
+                yield i, record
     bar.close()
-    report = aggregate(records)
-    report["records"] = records
-    return report
+
+
+def _video_context(model, uri: str, questions: list[tuple[int, dict]], max_new_tokens: int, frames: dict):
+    """The video's context with room for its questions, and its number of frames."""
+    room = _room(model, [q for _, q in questions], max_new_tokens)
+    codes = model.read_video(uri, reserve=room, **frames)
+    return model.video_context(codes, room), len(codes)
 
 
 def score_question(model, ctx, item: dict, max_new_tokens: int = 8) -> dict:

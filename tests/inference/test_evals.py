@@ -7,9 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
-from lvm.cli import run_command
+from lvm.cli import main, run_command
 from lvm.evals import needle
 from lvm.evals.qa import aggregate, letter_prompt, option_text, parse_letter, read_questions, video_uri
+from lvm.job_report import EXIT_BAD_INPUTS, JobReport, attempt
 
 pytestmark = [pytest.mark.xdist_group("qa"), pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")]
 
@@ -65,6 +66,96 @@ def test_eval_needle_writes_grids_and_heatmaps_in_both_modes(trained, tmp_path, 
         assert (tmp_path / f"needle_{mode}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert np.shape(grid["option_accuracy"]) == (1, 2)
     assert [c["option_choice"] for c in grid["cells"]] and grid["cells"][0]["expected"] == "Red."
+
+
+@pytest.mark.slow
+def test_evals_skip_missing_and_truncated_videos(trained, tmp_path, question, capsys, monkeypatch):
+    """One missing and one truncated video among good ones: eval-qa scores the good videos' questions and
+    eval-needle builds its haystack from the good videos; both list the bad ones in the report and exit 3. A
+    crash after the first question keeps that question's record in the report."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(trained / "held_out_red.mp4", videos / "red.mp4")
+    shutil.copy(trained / "held_out_blue.mp4", videos / "blue.mp4")
+    data = (trained / "v0.mp4").read_bytes()
+    (videos / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    bad = {"missing": str(videos / "missing.mp4"), "truncated": str(videos / "truncated.mp4")}
+    lines = [{"videoID": v, "question_id": f"q{i}", "question": question, "options": ["A. Red.", "B. Blue."],
+              "answer": "A" if v == "red" else "B"} for i, v in enumerate(["red", "missing", "truncated", "blue"])]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "report.json"
+    qa_args = ["eval-qa", "--checkpoint", str(trained / "export"), "--data", str(tmp_path / "qa.jsonl")]
+    assert main([*qa_args, "--video-dir", str(videos), "--out", str(out), "--no-progress"]) == EXIT_BAD_INPUTS
+    report = json.loads(out.read_text())
+    assert report["complete"] and report["questions"] == 4 and report["scored"] == 2
+    assert [r["question_id"] for r in report["records"]] == ["q0", "q3"] and report["overall"]["count"] == 2
+    assert report["overall"]["loglik"] == 1.0
+    assert report["failed"] == 2 and [f["input"] for f in report["failures"]] == list(bad.values())
+    assert [f["questions"] for f in report["failures"]] == [["q1"], ["q2"]]
+    assert "not found" in report["failures"][0]["error"]
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("lvm eval-qa: ") and "(skipped," in line]
+    assert len(ours) == 2 and all(path in line for path, line in zip(bad.values(), ours, strict=True))
+    assert "2 of 4 questions scored (2 failures)" in err
+
+    from lvm.evals import qa
+
+    def crash_on_second(*args, score=qa.score_question, calls=[]):  # noqa: B006 (counts the calls)
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("crashed")
+        return score(*args)
+
+    monkeypatch.setattr(qa, "score_question", crash_on_second)
+    with pytest.raises(RuntimeError, match="crashed"):
+        main([*qa_args, "--video-dir", str(videos), "--out", str(out), "--no-progress"])
+    report = json.loads(out.read_text())
+    assert not report["complete"] and [r["question_id"] for r in report["records"]] == ["q0"]
+    monkeypatch.undo()
+
+    haystack = [str(videos / "red.mp4"), *bad.values(), str(videos / "blue.mp4")]
+    video_args = ["--mode", "video", "--lengths", "2", "--depths", "0", "--question", question, "--answer", "Red.",
+                  "--needle-video", str(videos / "red.mp4"), "--haystack-video", *haystack]  # fmt: skip
+    argv = ["eval-needle", "--checkpoint", str(trained / "export"), "--out", str(tmp_path), "--no-progress"]
+    assert main([*argv, *video_args, "--max-new-tokens", "4"]) == EXIT_BAD_INPUTS
+    grid = json.loads((tmp_path / "needle_video.json").read_text())
+    assert grid["complete"] and len(grid["cells"]) == 1 and (tmp_path / "needle_video.png").exists()
+    assert [f["input"] for f in grid["failures"]] == list(bad.values())
+    err = capsys.readouterr().err
+    assert all(f"lvm eval-needle: cannot read the video {path}" in err for path in bad.values())
+
+
+def test_job_report_keeps_finished_work(tmp_path, capsys):
+    """The report of a job is written as results come in; a bad input is listed and the job goes on; a crash
+    keeps what was finished (`complete` false); nothing is written when a job fails before any result."""
+    results: list[int] = []
+    path, missing = tmp_path / "report.json", str(tmp_path / "a.mp4")
+    with pytest.raises(RuntimeError, match="crash"):
+        with JobReport("lvm job", path, lambda: {"results": results}) as report:
+            results.append(1)
+            report.save()
+            assert attempt(report, missing, lambda: open(missing)) is None  # recorded, goes on
+            results.append(2)
+            report.save()  # under every_s since the last write: not written yet
+            assert json.loads(path.read_text())["results"] == [1]
+            raise RuntimeError("crash")
+    written = json.loads(path.read_text())
+    assert written["complete"] is False and written["results"] == [1, 2] and written["failed"] == 1
+    assert written["failures"] == [{"input": missing, "error": f"No such file or directory: {missing}"}]
+    assert report.exit_code == EXIT_BAD_INPUTS
+    assert (
+        capsys.readouterr().err
+        == f"lvm job: No such file or directory: {missing} (skipped, listed in {path})\n"
+    )
+    with pytest.raises(FileNotFoundError):
+        attempt(None, missing, lambda: open(missing))  # without a report: raised
+    with pytest.raises(ValueError), JobReport("lvm job", tmp_path / "none.json"):
+        raise ValueError("bad --lengths")
+    assert not (tmp_path / "none.json").exists()
+    with JobReport("lvm job", path, dict) as report:
+        pass
+    assert json.loads(path.read_text()) == {"complete": True, "failed": 0, "failures": []}
+    assert report.exit_code == 0
 
 
 def test_parse_letter():

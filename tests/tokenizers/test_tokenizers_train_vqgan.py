@@ -6,11 +6,13 @@ resized and centre-cropped), evaluated on 4 videos it never saw.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from lvm import cli
+from lvm.job_report import EXIT_BAD_INPUTS
 from lvm.tokenizers import metrics, synthetic, video
 
 SIZES = [(64, 96), (128, 128), (90, 160), (72, 128)]  # (height, width) of the test videos
@@ -124,3 +126,69 @@ def test_bad_workdir_and_videos(tmp_path):
     with pytest.raises(ValueError, match="no videos"):
         cli.run_command("train-vqgan", ["--config", "tiny", "--videos", str(tmp_path / "empty"), "--steps", "1",
                                     "--workdir", str(tmp_path / "w")])  # fmt: skip
+
+
+TINY = ["model.resolution=32", "model.channel_mult=1,2", "train.batch_size=2", "train.restart_every=0"]
+
+
+def good_and_truncated(folder):
+    """Two good 32x32 mp4s and `truncated.mp4` (the first one's first half) in `folder`."""
+    good = synthetic.write_dataset(folder, [(32, 32)] * 2, frames=4, seed=0)
+    data = open(good[0], "rb").read()
+    (folder / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    return good
+
+
+def test_train_vqgan_skips_bad_videos(tmp_path, capsys):
+    """A truncated mp4 in the training folder: trains on the good videos, names and lists the bad one, exits 3;
+    with no readable video it stops before training."""
+    folder = tmp_path / "videos"
+    good = good_and_truncated(folder)
+    argv = ["train-vqgan", "--config", "tiny", "--steps", "1", "--no-progress", "--set", *TINY, "--videos"]
+    assert cli.main([*argv, str(folder), "--workdir", str(tmp_path / "run")]) == EXIT_BAD_INPUTS
+    out, err = capsys.readouterr()
+    assert json.loads(out)["skipped_videos"] == 1 and "loss/nll" in json.loads(out)
+    assert f"cannot read the video {folder / 'truncated.mp4'}: " in err and "skipped" in err
+    skipped = json.loads((tmp_path / "run" / "skipped_videos.json").read_text())
+    assert skipped["complete"] and skipped["videos"] == 3 and skipped["failed"] == 1
+    assert skipped["failures"][0]["input"] == str(folder / "truncated.mp4")
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()  # trained on the two good videos
+
+    (folder / "empty.mp4").write_bytes(b"")
+    for path in good:
+        os.remove(path)
+    assert cli.main([*argv, str(folder), "--workdir", str(tmp_path / "w2")]) == 2
+    err = capsys.readouterr().err
+    assert "empty file" in err and "none of the 2 videos could be read" in err
+    assert not (tmp_path / "w2" / "checkpoints").exists()
+
+
+def test_eval_vqgan_lists_bad_videos(tmp_path, capsys):
+    """A manifest naming a good, a truncated and a missing video: the report scores the good one and lists the
+    others with their causes; exit 3."""
+    from lvm.tokenizers.config import load_config
+    from lvm.tokenizers.vqgan import init_variables, save_model
+
+    cfg = load_config("tiny", TINY)
+    save_model(cfg, init_variables(cfg.model), tmp_path / "vqgan")
+    good = good_and_truncated(tmp_path / "videos")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{good[1]}\nvideos/truncated.mp4\nmissing.mp4\n")
+    report = tmp_path / "eval.json"
+    argv = [
+        "eval-vqgan",
+        "--checkpoint",
+        str(tmp_path / "vqgan"),
+        "--videos",
+        str(manifest),
+        "--out",
+        str(report),
+    ]
+    assert cli.main([*argv, "--frames-per-video", "2"]) == EXIT_BAD_INPUTS
+    result = json.loads(report.read_text())
+    assert result["complete"] and result["videos"] == 1 and result["frames"] == 2 and result["psnr"] > 0
+    bad = [str(tmp_path / "videos" / "truncated.mp4"), str(tmp_path / "missing.mp4")]
+    assert [f["input"] for f in result["failures"]] == bad and result["failed"] == 2
+    assert "not found" in result["failures"][1]["error"]
+    err = capsys.readouterr().err
+    assert err.count("(skipped, listed in") == 2 and all(path in err for path in bad)
