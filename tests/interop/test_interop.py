@@ -652,7 +652,8 @@ def test_export_hf_tokenizer_adds_bos_as_the_model_expects(tmp_path, monkeypatch
     words = "in the beginning god created heaven and earth light was good day night evening morning".split()
     rng = np.random.default_rng(0)
     (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(2000)))
-    tok = text.train(tmp_path / "corpus.txt", 300, tmp_path / "sp")  # byte fallback: 256 + chars; fits 320 ids
+    # byte fallback needs 256 pieces + the characters; 300 fits the test model's 320 text ids
+    tok = text.train(tmp_path / "corpus.txt", 300, tmp_path / "sp")
     write_tux(tmp_path / "params", lwm_llama(3, stacked=True, vision=False), monkeypatch=monkeypatch)
     lwm.convert_lwm(str(tmp_path / "params"), tmp_path / "ckpt", text_tokenizer=tok.model_file, head_dim=HD,
                     rope_theta=THETA, seq_len=64, log=lambda *_: None)  # fmt: skip
