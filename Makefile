@@ -33,8 +33,15 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+test: lint test-tools
 	$(BIN)/pytest -n 2 --dist loadgroup --durations=15 tests
+
+# Programs the tests call that pip does not install (Debian packages; installing them needs root). Without one,
+# its tests skip and say why.
+.PHONY: test-tools
+test-tools:
+	command -v shellcheck >/dev/null || apt-get install -y -q shellcheck \
+	  || (apt-get update -q && apt-get install -y -q shellcheck) || echo "no shellcheck: its test will skip"
 
 # A quick local loop: everything but the tests marked `slow` (end-to-end runs, subprocess trainings, big compiles).
 test-fast: lint
