@@ -33,7 +33,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint test-tools
+test: lint test-tools browser
 	$(BIN)/pytest -n 2 --dist loadgroup --durations=15 tests
 
 # Programs the tests call that pip does not install (Debian packages; installing them needs root). Without one,
@@ -42,6 +42,15 @@ test: lint test-tools
 test-tools:
 	command -v shellcheck >/dev/null || apt-get install -y -q shellcheck \
 	  || (apt-get update -q && apt-get install -y -q shellcheck) || echo "no shellcheck: its test will skip"
+
+# The browser test of `lvm chat` drives Debian's chromium with Selenium (pinned in requirements.lock).
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing chromium and chromium-driver for the browser test"; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    chromium chromium-driver >/dev/null; } \
+	  || echo "no chromium / chromium-driver: the browser test will skip"
 
 # A quick local loop: everything but the tests marked `slow` (end-to-end runs, subprocess trainings, big compiles).
 test-fast: lint

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -290,6 +291,9 @@ class Demo:
         )
         (self.out / "summary.json").write_text(json.dumps(results, indent=1))
         print_summary(results, self.out)
+        videos = self.out / "videos" / self.cfg.stages[-1].name / "eval"
+        chat = shlex.join(["lvm", "chat", "--checkpoint", results["checkpoint"], "--video-dir", str(videos)])
+        print(f"\ntalk to the model about its held-out videos in the browser:\n{chat}", flush=True)
         return results
 
 

@@ -39,6 +39,10 @@ SKIP = {
     "lvm eval-qa": "needs a benchmark's videos; tests/inference/test_evals.py",
     "lvm eval-needle": "needs a model with tokenizers; tests/inference/test_evals.py",
     "lvm convert-lwm": "needs LWM's released files; tests/interop/test_interop.py converts generated ones",
+    "lvm chat": "serves until stopped; tests/end_to_end/test_chat_browser.py drives it in Chromium",
+    "lvm pretokenize --manifest runs/own-videos": "needs your videos; tests/end_to_end/test_own_videos.py",
+    "lvm train --config runs/demo/export/config.yaml": "needs the demo's model; test_own_videos.py fine-tunes",
+    "lvm export --workdir runs/own-videos/finetune": "needs the fine-tuned run; test_own_videos.py exports",
 }
 
 
