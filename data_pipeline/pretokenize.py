@@ -20,6 +20,11 @@ Manifest line i goes to shard i // shard_size; shard k is made by process k % pr
 (bad manifest line, missing/corrupt/audio-only video, ...) is left out of its shard and recorded in the shard's
 index and in the error log beside the shards: `errors.jsonl` (or `errors-{i:05d}-of-{n:05d}.jsonl` per process
 when several processes share the output), one line {"shard", "line", "id", "video", "error"} per failure.
+
+Videos are decoded by `decode_workers` processes (`decode.DecodePool`; default: one per CPU but one) ahead of the
+encoder, a long video in segments by several at once; the frames reach the VQGAN in order, in the chunks one worker
+would give, so the shards are byte-identical whatever the worker count. A file that crashes or hangs its worker
+(`decode_timeout_s`) is recorded as failed and the worker replaced.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from lvm.data_pipeline import shards, storage
-from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder
+from lvm.data_pipeline.decode import DecodeConfig, DecodeError, DecodePool
 from lvm.tokenizers import format as fmt
 
 
@@ -54,6 +59,8 @@ class PretokenizeConfig:
     cache_dir: str | None = None
     cache_bytes: int = 8 << 30
     decode_timeout_s: float = 600.0
+    decode_workers: int | None = None  # decode worker processes (None: `decode.default_decode_workers()`)
+    decode_frames_in_flight: int | None = None  # frames decoded ahead at most (None: the pool's default)
     progress: bool = True
 
     def __post_init__(self):
@@ -63,6 +70,10 @@ class PretokenizeConfig:
             raise ValueError(
                 f"need 0 <= process_index < process_count, got {self.process_index}, {self.process_count}"
             )
+        for name in ("decode_workers", "decode_frames_in_flight"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: the default), got {value}")
         if not 0 <= self.uncond_prob <= 1:
             raise ValueError(f"uncond_prob must lie in [0, 1], got {self.uncond_prob}")
         if self.template not in fmt.TEMPLATES:
@@ -204,8 +215,15 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
     )
     records_written = tokens_written = frames_total = 0
     t0 = time.perf_counter()
-    upcoming = _next_videos(lines, todo, cfg)
-    with Decoder(decode_cfg, cache=cache, timeout_s=cfg.decode_timeout_s) as decoder:
+    pool = DecodePool(
+        decode_cfg,
+        workers=cfg.decode_workers,
+        frames_in_flight=cfg.decode_frames_in_flight,
+        cache=cache,
+        timeout_s=cfg.decode_timeout_s,
+    )
+    with pool:
+        pool.schedule(_videos(lines, todo, cfg))  # decoded ahead, in the order they are read
         for k in todo:
             records, ids, failures = [], [], []
             for line_no in range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(lines))):
@@ -221,7 +239,7 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
                     codes = None
                     if "video" in example:
                         uri = resolve(example["video"], cfg.manifest)
-                        codes = _encode_video(decoder, tokenizer, uri, upcoming.get(line_no), progress)
+                        codes = _encode_video(pool, tokenizer, uri, progress)
                         frames_total += len(codes)
                     drop = drops_prompt(line_no, cfg.uncond_prob)
                     doc = document(example, codes, cfg.template, cfg.video_loss, drop)
@@ -257,28 +275,29 @@ def run(cfg: PretokenizeConfig) -> dict[str, Any]:
         "frames": frames_total,
         "frames_per_s": frames_total / elapsed if elapsed > 0 else None,
         "failed": len([e for e in errors if e["shard"] in todo]),
+        "decode_workers": pool.workers,
+        "decode_restarts": pool.restarts,
         "errors_file": errors_uri,
         "seconds": elapsed,
     }
 
 
-def _next_videos(lines: list[str], todo: list[int], cfg: PretokenizeConfig) -> dict[int, str]:
-    """line number -> the video of the next video line this run will read (decoded ahead while this one encodes)."""
+def _videos(lines: list[str], todo: list[int], cfg: PretokenizeConfig) -> list[str]:
+    """The videos of the lines this run makes, in the order it reads them (the pool decodes them ahead)."""
     order = []
     for k in todo:
         for line_no in range(k * cfg.shard_size, min((k + 1) * cfg.shard_size, len(lines))):
             try:
-                example = json.loads(lines[line_no])
-                order.append((line_no, resolve(example["video"], cfg.manifest)))
+                order.append(resolve(json.loads(lines[line_no])["video"], cfg.manifest))
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # no video (a bad line is reported when it is read)
-    return {line: uri for (line, _), (_, uri) in zip(order, order[1:], strict=False)}
+    return order
 
 
-def _encode_video(decoder: Decoder, tokenizer, uri: str, then: str | None, progress: _Progress) -> np.ndarray:
-    """VQGAN codes `[T, h, w]` of a video, chunk by chunk (frames never all in memory); `then` is decoded next."""
+def _encode_video(pool: DecodePool, tokenizer, uri: str, progress: _Progress) -> np.ndarray:
+    """VQGAN codes `[T, h, w]` of a video, chunk by chunk in order (frames never all in memory)."""
     codes = []
-    for chunk in decoder.frames(uri, then):
+    for chunk in pool.frames(uri):
         codes.append(tokenizer.encode(chunk.frames))
         progress.add_frames(len(chunk.frames))
     if not codes:

@@ -6,6 +6,7 @@ import json
 
 
 def add_arguments(parser) -> None:
+    from lvm.data_pipeline.decode import default_decode_workers
     from lvm.tokenizers import format as fmt
 
     parser.add_argument(
@@ -47,6 +48,18 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--decode-timeout", type=float, default=600.0, help="seconds before a hung decode fails"
     )
+    parser.add_argument(
+        "--decode-workers",
+        type=int,
+        help="video decoding processes (default: one per CPU but one, at most 32; here "
+        f"{default_decode_workers()})",
+    )
+    parser.add_argument(
+        "--decode-frames-in-flight",
+        type=int,
+        help="frames decoded ahead of the encoder at most (default: max(1024, 128 per worker); "
+        "a 256x256 frame is 192 KiB)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -70,6 +83,8 @@ def run(args) -> int:
         cache_dir=args.cache_dir,
         cache_bytes=int(args.cache_gb * (1 << 30)),
         decode_timeout_s=args.decode_timeout,
+        decode_workers=args.decode_workers,
+        decode_frames_in_flight=args.decode_frames_in_flight,
         progress=not args.no_progress,
     )
     print(json.dumps(pretokenize(cfg)))

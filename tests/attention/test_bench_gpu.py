@@ -18,7 +18,7 @@ import lvm.attention.ring as ring
 import lvm.model as model
 from lvm.bench import common
 from lvm.bench.gpu import attention as gpu_attention
-from lvm.bench.gpu import budget, max_context, measure, report, step, targets
+from lvm.bench.gpu import budget, max_context, measure, report, step, targets, vqgan_encode
 from lvm.bench.gpu.settings import FULL, GRAD_TOLERANCE, IMPLS, SECTIONS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -94,6 +94,16 @@ def test_smoke_measures_every_section(smoke):
         and mc["confirmed"]["loss_finite"]
     )
 
+    vq = p["vqgan_encode"]
+    assert vq["config"] == "tiny" and vq["resolution"] == 64 and vq["codes_per_frame"] == 64
+    assert [r["batch"] for r in vq["encode"]] == [8] and positive(vq["encode"][0]["frames_per_s"])
+    assert vq["encode_frames_per_s"] == vq["encode"][0]["frames_per_s"]
+    decode = vq["decode"]  # decord, Pillow and ffmpeg are installed here: the decode half runs
+    assert not decode.get("error") and decode["workers"] >= 1 and decode["sample_fps"] == 3
+    assert [r["workers"] for r in decode["rows"]] == sorted({1, decode["workers"]})
+    assert all(r["frames"] == 6 * r["workers"] and positive(r["frames_per_s"]) for r in decode["rows"])
+    assert isinstance(vq["keeps_up"], bool) and vq["workers_needed"] >= 1
+
     t = p["targets"]
     assert t["fused_vs_cudnn"]["measured"] == pytest.approx(rows[("fused", True)]["of_cudnn"])
     assert t["mfu_1b"]["measured"] == pytest.approx(train["fused"]["mfu"])
@@ -106,6 +116,10 @@ def test_smoke_markdown_has_every_table(smoke):
     for heading in ("## Targets", "## Attention fwd+bwd", "## Training step", "## Longest trainable context"):
         assert heading in md
     assert "## Sections (seconds)" in md and "SMOKE" in md
+    assert (
+        "## VQGAN encode (tiny config) and decode workers" in md
+        and "Decoding keeps up with the encode:" in md
+    )
     assert md.count("| cudnn ") == 2 and md.count("| fused ") >= 2 and "Confirmed: one step at 1024" in md
     print(f"smoke run: {seconds:.1f} s")
 
@@ -274,3 +288,51 @@ def test_targets_table_shows_each_verdict_and_its_reason():
     errored = {"impl": "fused", "seq_len": 32768, "causal": True, "error": "a | b"}
     assert "n/a" in report.targets_table(targets.evaluate_targets([errored], [], FULL))
     assert "a / b" in report.targets_table(targets.evaluate_targets([errored], [], FULL))  # no stray column
+
+
+def test_decoding_keeps_up_verdict_on_synthetic_rows():
+    def row(encode, decode, workers=15):
+        rows = [{"workers": w, "frames_per_s": f} for w, f in decode.items()]
+        return {"encode": [{"batch": b, "frames_per_s": f} for b, f in encode.items()],
+                "decode": {"workers": workers, "rows": rows}}  # fmt: skip
+
+    fast = row({8: 900.0, 64: 2400.0}, {1: 30.0, 15: 420.0})
+    vqgan_encode.derive_keeps_up(fast)
+    assert (
+        fast["keeps_up"] is False and fast["encode_frames_per_s"] == 2400.0 and fast["workers_needed"] == 80
+    )
+    assert fast["decode_frames_per_s"] == 420.0
+    slow = row({8: 300.0}, {1: 30.0, 15: 420.0})
+    vqgan_encode.derive_keeps_up(slow)
+    assert slow["keeps_up"] is True and slow["workers_needed"] == 10
+    missing = {"encode": [{"batch": 8, "skipped": "..."}], "decode": {"skipped": "not measured: no decord"}}
+    vqgan_encode.derive_keeps_up(missing)
+    assert missing["keeps_up"] is None and missing["workers_needed"] is None
+    text = report.vqgan_text({**fast, "decode": {**fast["decode"], "clip": "1280x720", "sample_fps": 1.0,
+                                                  "cpus": 16}})  # fmt: skip
+    assert "Decoding keeps up with the encode: NO (420 against 2400 frames/s; about 80 workers would)" in text
+    assert "Decode skipped: not measured: no decord" in report.vqgan_text(missing)
+
+
+def test_gpu_check_maps_the_checkout_packages_without_an_install():
+    """With only PYTHONPATH (what scripts/gpu_check.sh sets on a bare machine), lvm.tokenizers and
+    lvm.data_pipeline resolve once the package is imported, and the decode half says it cannot start workers."""
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in (getattr(f, '__module__', '') or '')]\n"
+        "try:\n"
+        "    import lvm.data_pipeline\n"
+        "    raise SystemExit('lvm.data_pipeline resolved without the mapping')\n"
+        "except ModuleNotFoundError:\n"
+        "    pass\n"
+        "import lvm.bench.gpu as gpu, lvm.data_pipeline.decode, lvm.tokenizers.config\n"
+        "assert gpu.MAPPED == ['lvm.tokenizers', 'lvm.data_pipeline'], gpu.MAPPED\n"
+        "print(lvm.data_pipeline.decode.__file__, lvm.tokenizers.config.__file__)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [
+        str(REPO / "data_pipeline" / "decode.py"),
+        str(REPO / "tokenizers" / "config.py"),
+    ]

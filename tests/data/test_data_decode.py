@@ -1,9 +1,11 @@
 """Decoding real h264 mp4s (several sizes and rates, one of three minutes), still images and broken files, in a
-worker process; a video over the frame limit is rejected from its metadata; long decodes show progress."""
+worker process; a video over the frame limit is rejected from its metadata; long decodes show progress. A pool of
+workers gives one worker's frames in order, survives a crashing and a hanging file, and bounds its memory."""
 
 import os
 import signal
 import subprocess
+import time
 
 import imageio_ffmpeg
 import numpy as np
@@ -14,6 +16,7 @@ from lvm.data_pipeline import storage
 from lvm.data_pipeline.decode import (
     DecodeConfig,
     DecodeError,
+    DecodePool,
     Decoder,
     TooManyFrames,
     fps_within,
@@ -276,3 +279,121 @@ def test_progress_bar_for_a_long_decode_when_asked(videos, capsys):
         with Decoder(DecodeConfig(resolution=32, fps=24), **kwargs) as dec:
             assert len(dec.decode(str(videos / "small_8fps.mp4"))[0]) == 16
         assert capsys.readouterr().err == "", kwargs
+
+
+# The pool of workers ------------------------------------------------------------------------------------------
+
+
+def _read_all(dec, uris):
+    """Each video's (frames, timestamps, chunk sizes, info) or its error text, as `dec` gives them."""
+    out = []
+    for uri in uris:
+        try:
+            chunks = list(dec.frames(uri))
+        except DecodeError as err:
+            out.append(f"{type(err).__name__}: {err}")
+            continue
+        frames = np.concatenate([c.frames for c in chunks])
+        stamps = np.concatenate([c.timestamps for c in chunks])
+        out.append((frames, stamps, [len(c.frames) for c in chunks], dec.info))
+    return out
+
+
+def _assert_same(got, expected, names):
+    for g, e, name in zip(got, expected, names, strict=True):
+        if isinstance(e, str) or isinstance(g, str):
+            assert g == e, name
+        else:
+            np.testing.assert_array_equal(g[0], e[0], err_msg=name)
+            np.testing.assert_array_equal(g[1], e[1], err_msg=name)
+            assert g[2:] == e[2:], name  # the same chunks, the same VideoInfo
+
+
+def test_pool_gives_one_workers_frames_in_order(videos, tmp_path, capsys):
+    """Three workers, long videos split into segments of two chunks: every video's frames, timestamps, chunk
+    boundaries, info and failure are the ones a single `Decoder` gives."""
+    Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "still.png")
+    names = [LONG[0], *GOOD, "truncated.mp4", "missing.mp4", "audio_only.mp4", LONG[0], "small_8fps.mp4"]
+    uris = [str(videos / n) for n in names] + [str(tmp_path / "still.png")]
+    names.append("still.png")
+    cfg = DecodeConfig(resolution=32, fps=2, chunk_frames=4)
+    with Decoder(cfg) as one:
+        expected = _read_all(one, uris)
+    assert len(expected[0][0]) == 360 and expected[0][2] == [4] * 90  # 3 min at 2 fps
+    with DecodePool(cfg, workers=3, segment_frames=8) as pool:
+        assert pool.segment_chunks == 2
+        pool.schedule(uris)
+        _assert_same(_read_all(pool, uris), expected, names)
+        # a video that is not the next one scheduled is decoded first; the schedule stays
+        pool.schedule(uris[1:3])
+        _assert_same(_read_all(pool, [uris[5], *uris[1:3]]), [expected[5], *expected[1:3]], names[1:4])
+        assert pool.restarts == 0
+    with DecodePool(cfg, workers=2, progress=True, progress_delay_s=0) as pool:
+        frames, _ = pool.decode(str(videos / "wide_24fps.mp4"))
+    err = capsys.readouterr().err
+    assert len(frames) == 4 and "decoding wide_24fps.mp4" in err and "/4" in err
+
+
+def test_pool_a_crash_or_a_hang_costs_one_file_and_memory_stays_bounded(videos, tmp_path):
+    cfg = DecodeConfig(resolution=128, fps=1, chunk_frames=4)  # a chunk (192 KiB) fills the pipe: a worker
+    # held back by the limit waits in the middle of its unit (a smaller one would sit whole in the pipe)
+    names = ["small_8fps.mp4", "wide_24fps.mp4", "square_30fps.mp4"]
+    with Decoder(cfg) as one:
+        expected = _read_all(one, [str(videos / n) for n in names])
+    hang = tmp_path / "hang.mp4"
+    os.mkfifo(hang)  # opening it blocks until a writer comes: a decoder that never answers
+    long = str(videos / LONG[0])  # 180 frames at 1 fps: 45 chunks in units of 2
+    limit, workers = 8, 2
+    with DecodePool(cfg, workers=workers, segment_frames=8, frames_in_flight=limit, timeout_s=10) as pool:
+        pool.schedule([str(hang), *(str(videos / n) for n in names[:2]), long, str(videos / names[2])])
+        t0 = time.monotonic()
+        with pytest.raises(DecodeError, match="timed out after 10 s"):
+            pool.decode(str(hang))
+        assert time.monotonic() - t0 < 60
+        _assert_same(_read_all(pool, [str(videos / n) for n in names[:2]]), expected[:2], names[:2])
+        it = pool.frames(long)
+        next(it)
+        deadline = time.monotonic() + 60
+        while not (pids := [pid for uri, pid in pool.running() if uri == long and pid]):
+            assert time.monotonic() < deadline, "no worker is decoding the long video"
+            time.sleep(0.1)
+        time.sleep(1)  # the workers decode ahead until the limit, then wait
+        assert pool._buffered <= limit + workers * cfg.chunk_frames
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # as if decord crashed on this file
+        with pytest.raises(DecodeError, match="decoder process died"):
+            for _ in it:
+                assert pool._buffered <= limit + workers * cfg.chunk_frames
+        _assert_same(_read_all(pool, [str(videos / names[2])]), expected[2:], names[2:])  # fresh workers
+        assert pool.restarts >= 2  # the hang and the crash
+
+
+def test_queued_gcs_videos_in_a_pool_leave_nothing_in_the_cache(videos, gcs_server, tmp_path):
+    names = list(GOOD)
+    for name in names:
+        storage.write_bytes(f"gs://test/pool/{name}", (videos / name).read_bytes())
+    uris = [f"gs://test/pool/{name}" for name in names]
+    cache = storage.FileCache(str(tmp_path / "cache"), max_bytes=1 << 20)
+    cfg = DecodeConfig(resolution=32, fps=2)
+    with Decoder(cfg) as one:
+        expected = _read_all(one, [str(videos / n) for n in names])
+    with DecodePool(cfg, workers=2, cache=cache) as pool:
+        pool.schedule(uris)
+        _assert_same(_read_all(pool, uris[:2]), expected[:2], names[:2])
+        pool.schedule(uris[:2])
+        next(pool.frames(uris[2]))  # abandoned mid-file, with two videos decoded ahead
+        with pytest.raises(DecodeError, match="not found"):
+            pool.decode("gs://test/pool/missing.mp4")
+    assert sorted(set(cache.downloaded)) == sorted(uris) and cache.cached_bytes() == 0
+
+
+def test_default_worker_count_leaves_a_cpu_to_the_encoder(monkeypatch):
+    from lvm.data_pipeline import decode
+
+    for cpus, workers in [(1, 1), (2, 1), (8, 7), (16, 15), (64, 32)]:
+        monkeypatch.setattr(decode, "available_cpus", lambda cpus=cpus: cpus)
+        assert decode.default_decode_workers() == workers
+    monkeypatch.undo()
+    assert 1 <= decode.available_cpus() <= (os.cpu_count() or 1)
+    with pytest.raises(ValueError, match="workers >= 1"):
+        DecodePool(workers=0)

@@ -1,14 +1,16 @@
 """`lvm pretokenize` end to end: real mp4s and broken files, a tiny VQGAN and a SentencePiece model; errors.jsonl,
-skipping finished shards, gs:// in and out split over two processes, and the TFDS / ArrayRecord view."""
+skipping finished shards, the same bytes with 1 or 3 decode workers, gs:// in and out split over two processes,
+and the TFDS / ArrayRecord view."""
 
 import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
-from test_data_decode import make_broken, write_good
+from test_data_decode import LONG, make_broken, write_good
 
 from lvm import cli
 from lvm.data_pipeline import storage
@@ -107,6 +109,48 @@ def test_pretokenize_records_errors_and_resume(assets, tmp_path, capsys):
     again = [json.loads(x)["line"] for x in (out / "errors.jsonl").read_text().splitlines()]
     assert sorted(again) == sorted(errors)
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def _contents(folder) -> dict[str, bytes]:
+    """Every file's bytes; a shard's .npz as the bytes of each array in it (np.savez stamps the zip entries with
+    the time they were written, so two runs' archives differ in those header fields alone)."""
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as z:
+                out.update({f"{path.name}/{name}": z.read(name) for name in sorted(z.namelist())})
+        else:
+            out[path.name] = path.read_bytes()
+    return out
+
+
+def test_decode_workers_give_byte_identical_shards(assets, tmp_path, capsys):
+    """The same manifest with 1 and 3 decode workers (a long video in several segments, broken files among
+    good ones): the same token arrays, indexes and error log, byte for byte."""
+    root, manifest, _ = assets
+    write_good(tmp_path, [LONG])
+    lines = manifest.read_text().splitlines()
+    lines.insert(2, json.dumps({"video": str(tmp_path / LONG[0]), "caption": "A long one.", "id": "long"}))
+    lines.append(lines[1])  # the first clip again, at the end
+    long_manifest = root / "long_manifest.jsonl"
+    long_manifest.write_text("\n".join(lines) + "\n")
+    outputs = {}
+    for workers in (1, 3):
+        out = tmp_path / f"workers{workers}"
+        args = argv(
+            assets, out, "--fps", "2", "--decode-workers", str(workers), "--decode-frames-in-flight", "256"
+        )
+        args[1] = str(long_manifest)
+        assert cli.run_command("pretokenize", args) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["decode_workers"] == workers and summary["decode_restarts"] == 0
+        assert summary["frames"] == 360 + 4 + 4 + 2 + 4  # the long video: 3 min at 2 fps
+        outputs[workers] = _contents(out)
+    assert outputs[1].keys() == outputs[3].keys() and any(k.endswith("tokens.npy") for k in outputs[1])
+    for name, data in outputs[1].items():
+        assert outputs[3][name] == data, name
+    corpus = Corpus.open(str(tmp_path / "workers3"))
+    assert "long" in [i for s in corpus.shards for i in s.ids]
 
 
 @pytest.mark.slow

@@ -19,12 +19,14 @@ from lvm.bench.gpu.report import render_markdown
 from lvm.bench.gpu.run import Run
 from lvm.bench.gpu.settings import SECTIONS, settings_from_args
 from lvm.bench.gpu.train import run_train
+from lvm.bench.gpu.vqgan_encode import run_vqgan_encode
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 SECTION_FUNCS = {
     "matmul": run_matmul,
     "attention": run_attention,
     "train": run_train,
+    "vqgan_encode": run_vqgan_encode,
     "max_context": run_max_context,
 }
 

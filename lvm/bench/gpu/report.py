@@ -149,6 +149,40 @@ def max_context_text(mc) -> str:
     return "\n".join(lines)
 
 
+def vqgan_text(v) -> str:
+    """The vqgan_encode section's result: encode frames/s per batch, decode workers, whether they keep up."""
+    if not v:
+        return "not run"
+    lines = []
+    if v.get("error"):
+        lines.append("Encode error: " + v["error"][:300])
+    rows = [
+        [r["batch"], common.fmt_seconds(r["time_s"]), f"{r['frames_per_s']:.0f}", f"{r['compile_s']:.1f}"]
+        if r.get("time_s")
+        else [r["batch"], "skipped (budget)", "-", "-"]
+        for r in v.get("encode", [])
+    ]
+    if rows:
+        lines.append(common.markdown_table(["frames a call", "call", "frames/s", "compile s"], rows) + "\n")
+    d = v.get("decode") or {}
+    if d.get("rows"):
+        rates = ", ".join(f"{r['workers']} worker(s) {r['frames_per_s']:.1f} frames/s" for r in d["rows"])
+        lines.append(
+            f"Decode ({d['clip']} h264 clip at {d['sample_fps']:g} fps, {d['cpus']} CPUs, default "
+            f"{d['workers']} workers): {rates}."
+        )
+    for key in ("skipped", "error"):
+        if d.get(key):
+            lines.append(f"Decode {key}: {d[key][:300]}")
+    if v.get("keeps_up") is not None:
+        needed = f"; about {v['workers_needed']} workers would" if v.get("workers_needed") else ""
+        lines.append(
+            f"Decoding keeps up with the encode: {common.fmt_met(v['keeps_up'])} ({v['decode_frames_per_s']:.0f} "
+            f"against {v['encode_frames_per_s']:.0f} frames/s{needed})."
+        )
+    return "\n".join(lines) or "not measured"
+
+
 def targets_table(targets) -> str:
     """One row a target: its rule, the reason of its verdict, and the verdict."""
     rows = [[t["rule"], t["reason"].replace("|", "/"), common.fmt_met(t["met"])] for t in targets.values()]
@@ -186,6 +220,8 @@ def render_markdown(p: dict[str, Any]) -> str:
         + attention_table(p["attention"]),
         f"## Training step ({s['model']}, batch 1, one device)\n\n" + train_table(p["train"]),
         "## Longest trainable context\n\n" + max_context_text(p["max_context"]),
+        f"## VQGAN encode ({s['vqgan_config']} config) and decode workers\n\n"
+        + vqgan_text(p.get("vqgan_encode")),
         "## Sections (seconds)\n\n" + common.markdown_table(["section", "budget", "used", "notes"], sections),
         "## Notes\n\n" + "\n".join(f"- {n}" for n in p["notes"]),
     ]

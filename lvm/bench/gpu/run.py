@@ -55,6 +55,7 @@ class Run:
             "attention": [],
             "train": [],
             "max_context": None,
+            "vqgan_encode": None,
             "targets": {},
             "sections": {},
             "notes": list(NOTES),

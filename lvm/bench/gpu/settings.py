@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-SECTIONS = ("matmul", "attention", "train", "max_context")
+SECTIONS = ("matmul", "attention", "train", "vqgan_encode", "max_context")
 IMPLS = ("cudnn", "fused", "xla")  # run order at each length and mask: cuDNN first, it is the reference
 FUSED_VS_CUDNN = 0.8  # target: fused fwd+bwd FLOP/s at 32K causal over cuDNN's
 MFU_TARGET = 0.40  # target: MFU of the 1B step at 32K
@@ -34,6 +34,13 @@ class Settings:
     budgets: dict[str, float]  # seconds per section
     deadline_s: float  # the whole run, from process start
     default_compile_s: float  # compile time assumed for a program of a kind not compiled yet
+    vqgan_config: str  # configs/vqgan/NAME.yaml of the vqgan_encode section
+    vqgan_batches: tuple[int, ...]  # frames per encode call
+    decode_clip: str  # WxH of the h264 clip the decode workers read
+    decode_clip_seconds: float
+    decode_fps: float  # sampling rate (pretokenize's default: 1)
+    decode_videos_per_worker: int  # copies of the clip read per worker
+    decode_estimate_s: float  # time the decode half needs (clip, worker start-up, decoding)
 
 
 FULL = Settings(
@@ -51,9 +58,16 @@ FULL = Settings(
     context_max=1 << 22,
     reps=5,
     case_timing_s=4.0,
-    budgets={"matmul": 15, "attention": 150, "train": 80, "max_context": 70},
+    budgets={"matmul": 15, "attention": 140, "train": 80, "vqgan_encode": 40, "max_context": 55},
     deadline_s=330,
     default_compile_s=15,
+    vqgan_config="default",
+    vqgan_batches=(8, 64),
+    decode_clip="1280x720",
+    decode_clip_seconds=20,
+    decode_fps=1.0,
+    decode_videos_per_worker=2,
+    decode_estimate_s=20,
 )
 SMOKE = dataclasses.replace(
     FULL,
@@ -70,9 +84,16 @@ SMOKE = dataclasses.replace(
     context_max=1024,
     reps=2,
     case_timing_s=0.5,
-    budgets={"matmul": 30, "attention": 120, "train": 120, "max_context": 120},
+    budgets={"matmul": 30, "attention": 120, "train": 120, "vqgan_encode": 90, "max_context": 120},
     deadline_s=600,
     default_compile_s=5,
+    vqgan_config="tiny",
+    vqgan_batches=(8,),
+    decode_clip="160x120",
+    decode_clip_seconds=2,
+    decode_fps=3.0,
+    decode_videos_per_worker=1,
+    decode_estimate_s=20,
 )
 
 
