@@ -21,7 +21,7 @@ import numpy as np
 
 from lvm.checkpoint import TOKENIZERS_FILE, read_tokenizers, restore_model
 from lvm.config import Config, MeshConfig
-from lvm.generation import Generator, Sampling, generate_text, generate_vision
+from lvm.generation import DEFAULT_CHUNK, Generator, Sampling, TextDecoder, VisionDecoder
 from lvm.model import KVCache
 from lvm.tokenizers import format as fmt
 
@@ -109,14 +109,16 @@ class Model:
         max_frames: int | None = None,
         reserve: int | None = None,
         progress: bool | None = None,
+        decode_workers: int | None = None,
     ) -> np.ndarray:
         """VQGAN codes [T, h, w] of a video file, still image (one frame) or gs:// URI. By default as many
         frames as fit the context with `reserve` (256 if None) tokens left for question and answer, evenly over
         the video; fps / num_frames / max_frames override. With `reserve` given, a video whose frames would
         not fit the context with `reserve` to spare is rejected (ValueError) before any frame is decoded.
-        `progress`: a bar on stderr for a long decode (None: when stderr is a terminal)."""
+        `progress`: a bar on stderr for a long decode (None: when stderr is a terminal). `decode_workers`: see
+        `read_videos`."""
         opts = dict(fps=fps, num_frames=num_frames, max_frames=max_frames, reserve=reserve, progress=progress)
-        with contextlib.closing(self.read_videos([uri], **opts)) as videos:  # closes the decoder
+        with contextlib.closing(self.read_videos([uri], decode_workers=decode_workers, **opts)) as videos:
             return next(videos)
 
     def read_videos(
@@ -128,10 +130,13 @@ class Model:
         max_frames: int | None = None,
         reserve: int | None = None,
         progress: bool | None = None,
+        decode_workers: int | None = None,
     ) -> Iterator[np.ndarray]:
-        """The codes of each video in turn, as `read_video` reads one, from one decoder process that decodes
-        the next video while this one is encoded (starting a decoder per video costs about a second)."""
-        from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder, TooManyFrames, fps_within
+        """The codes of each video in turn, as `read_video` reads one. `decode_workers` processes (default: one
+        per CPU but one, `decode.default_decode_workers`) decode the videos ahead, a long one in segments, while
+        the VQGAN encodes; the codes do not depend on the count (starting a worker costs about a second, so
+        read many videos through one call)."""
+        from lvm.data_pipeline.decode import DecodeConfig, DecodeError, DecodePool, TooManyFrames, fps_within
 
         uris = list(uris)
         kept = 256 if reserve is None else reserve
@@ -166,10 +171,11 @@ class Model:
             max_frames=max_frames,
             frame_limit=limit,
         )
-        with Decoder(decode_cfg, progress=progress) as decoder:
-            for uri, then in zip(uris, uris[1:] + [None], strict=True):
+        with DecodePool(decode_cfg, workers=decode_workers, progress=progress) as pool:
+            pool.schedule(uris)
+            for uri in uris:
                 try:
-                    codes = [self.vqgan.encode(chunk.frames) for chunk in decoder.frames(uri, then=then)]
+                    codes = [self.vqgan.encode(chunk.frames) for chunk in pool.frames(uri)]
                 except TooManyFrames as err:  # from the video's metadata, before decoding
                     seconds = err.frames / err.fps
                     length = f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
@@ -205,6 +211,8 @@ class Model:
             )
 
     def _ask(self, ctx: VideoContext, question: str, extra: int):
+        """The question's tokens appended to a copy of the video's cache: the text logits [V] of its last token
+        (on the device) and that cache (`ctx.cache` is left as it was, for the next question)."""
         ids, vis = self._question_tokens(ctx, question)
         n = ctx.prefix_len + len(ids) + extra
         self._check_length(n, f"video prefix {ctx.prefix_len} + question + {extra} new tokens", FEWER_FRAMES)
@@ -213,8 +221,47 @@ class Model:
                 f"question + answer need {len(ids) + extra} tokens but the video context keeps {ctx.room}; "
                 "build it with a larger room"
             )
-        text, _, cache = self.generator.extend_chunked(ctx.cache, ids[None], vis[None])
-        return text[0, -1], cache
+        text, _, cache = self.generator.append(ctx.cache, [(ids, vis)])
+        return text[0], cache
+
+    def _text_decoder(
+        self, cache: KVCache, logits, max_new_tokens: int, sampling, seed, chunk=DEFAULT_CHUNK
+    ) -> TextDecoder:
+        return TextDecoder(
+            self.generator, cache, logits, max_new_tokens, self.codec.eos_id, sampling, seed,
+            vocab_size=self.codec.vocab_size, chunk=chunk,
+        )  # fmt: skip
+
+    def _answer_decoder(
+        self, ctx, question, *, max_new_tokens=64, sampling=GREEDY, seed=0, chunk=DEFAULT_CHUNK
+    ):
+        logits, cache = self._ask(ctx, question, max_new_tokens)
+        return self._text_decoder(cache, logits[None], max_new_tokens, sampling, seed, chunk)
+
+    def _pieces(self, decoder: TextDecoder) -> Iterator[str]:
+        """Row 0's new text after each decoded chunk; a trailing incomplete character waits for its bytes."""
+        shown = ""
+        for _ in decoder:
+            text = self.codec.decode(decoder.tokens[0], continuation=True)
+            stable = text if decoder.done[0] else text.rstrip("\ufffd")
+            if len(stable) > len(shown) and stable.startswith(shown):
+                yield stable[len(shown) :]
+                shown = stable
+
+    def _text(self, decoder: TextDecoder, on_text: Callable[[str], None] | None) -> str:
+        """Decode to the end, handing `on_text` each piece; row 0's whole text."""
+        for piece in self._pieces(decoder):
+            if on_text:
+                on_text(piece)
+        return self.codec.decode(decoder.tokens[0], continuation=True)
+
+    def answer_stream(
+        self, ctx: VideoContext, question: str, chunk: int = DEFAULT_CHUNK, **options
+    ) -> Iterator[str]:
+        """`answer` as an iterator of text pieces, one per decoded chunk of `chunk` tokens, the first piece
+        right after the first token; `options` are `answer`'s (max_new_tokens, sampling, seed). The pieces'
+        concatenation, stripped, is `answer`'s result."""
+        yield from self._pieces(self._answer_decoder(ctx, question, chunk=chunk, **options))
 
     def answer(
         self,
@@ -226,29 +273,18 @@ class Model:
         seed: int = 0,
         on_text: Callable[[str], None] | None = None,
     ) -> str:
-        """The model's answer to `question` about the video of `ctx`; `on_text` receives text as it comes."""
-        logits, cache = self._ask(ctx, question, max_new_tokens)
-        ids: list[int] = []
-        shown = [""]
-
-        def stream(_row, token):
-            ids.append(token)
-            text = self.codec.decode(ids, continuation=True)
-            if on_text and len(text) > len(shown[0]):
-                on_text(text[len(shown[0]) :])
-                shown[0] = text
-
-        out = generate_text(
-            self.generator, cache, logits[None], max_new_tokens, self.codec.eos_id, sampling, seed, stream,
-            vocab_size=self.codec.vocab_size,
-        )  # fmt: skip
-        return self.codec.decode(out[0], continuation=True).strip()
+        """The model's answer to `question` about the video of `ctx`; `on_text` receives text as it comes (a
+        piece per decoded chunk, see `answer_stream`)."""
+        decoder = self._answer_decoder(
+            ctx, question, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed
+        )
+        return self._text(decoder, on_text).strip()
 
     def option_logprobs(self, ctx: VideoContext, question: str, options: list[str]) -> list[float]:
         """Log-likelihood of each option as the answer after the question (summed over its tokens)."""
         answers = self._answer_tokens(options)
         logits, cache = self._ask(ctx, question, max(len(a) for a in answers))
-        return [self._answer_logprob(logits, cache, a) for a in answers]
+        return [self._answer_logprob(np.asarray(logits), cache, a) for a in answers]
 
     def question_only_logprobs(self, question: str, options: list[str]) -> list[float]:
         """`option_logprobs` for the chat prompt without any video (a baseline: what the text alone implies)."""
@@ -283,7 +319,7 @@ class Model:
         seed: int = 0,
         on_text: Callable[[str], None] | None = None,
     ) -> str:
-        """Continue a text prompt."""
+        """Continue a text prompt; `on_text` receives the continuation as it comes (a piece per decoded chunk)."""
         ids = np.asarray(self.codec.encode_pieces([prompt]))
         self._check_length(
             len(ids) + max_new_tokens,
@@ -291,26 +327,10 @@ class Model:
             "shorten --prompt or lower --max-new-tokens",
         )
         text, _, cache = self.generator.prefill([(ids, np.zeros(len(ids), bool))], max_new_tokens)
-        out = generate_text(
-            self.generator, cache, text, max_new_tokens, self.codec.eos_id, sampling, seed,
-            vocab_size=self.codec.vocab_size,
-        )  # fmt: skip
-        result = self.codec.decode(out[0], continuation=True)
-        if on_text:
-            on_text(result)
-        return result
+        return self._text(self._text_decoder(cache, text, max_new_tokens, sampling, seed), on_text)
 
-    def generate_codes(
-        self,
-        prompt: str,
-        frames: int = 1,
-        *,
-        guidance: float | None = 3.0,
-        sampling: Sampling = SAMPLED,
-        seed: int = 0,
-    ) -> np.ndarray:
-        """VQGAN codes [frames, h, w] generated from a text prompt `<s>{prompt}<vision>` (an image when frames
-        is 1). With `guidance`, classifier-free guidance against the unconditional prompt `<s><vision>`."""
+    def _code_frames(self, prompt, frames, *, guidance=3.0, sampling=SAMPLED, seed=0) -> Iterator[np.ndarray]:
+        """Codes [h, w] of each frame generated from `prompt` as it is produced (see `generate_codes`)."""
         cond = self.codec.encode_pieces(fmt.video_request(prompt))
         rows = [cond] + ([self.codec.encode_pieces(fmt.video_request(""))] if guidance is not None else [])
         per_frame = self.frame_tokens()
@@ -322,14 +342,52 @@ class Model:
         prompts = [(np.asarray(r), np.zeros(len(r), bool)) for r in rows]
         _, vision, cache = self.generator.prefill(prompts, frames * per_frame)
         h, w = self.vqgan.code_shape
-        codes = generate_vision(
+        decoder = VisionDecoder(
             self.generator, cache, vision, frames, h * w, self.vocab.n_codes, sampling, guidance, seed
         )
-        return codes[0].reshape(frames, h, w)
+        for codes in decoder:
+            yield codes[0].reshape(h, w)
 
-    def generate_video(self, prompt: str, frames: int = 1, **kwargs) -> np.ndarray:
-        """uint8 frames [frames, H, W, 3] from a text prompt (see `generate_codes` for the arguments)."""
-        return self.vqgan.decode(self.generate_codes(prompt, frames, **kwargs))
+    def generate_codes(
+        self,
+        prompt: str,
+        frames: int = 1,
+        *,
+        guidance: float | None = 3.0,
+        sampling: Sampling = SAMPLED,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """VQGAN codes [frames, h, w] generated from a text prompt `<s>{prompt}<vision>` (an image when frames
+        is 1), a frame per jitted call. With `guidance`, classifier-free guidance against the unconditional
+        prompt `<s><vision>`."""
+        h, w = self.vqgan.code_shape
+        codes = list(self._code_frames(prompt, frames, guidance=guidance, sampling=sampling, seed=seed))
+        return np.stack(codes) if codes else np.zeros((0, h, w), np.int32)
+
+    def generate_frames(self, prompt: str, frames: int = 1, **options) -> Iterator[np.ndarray]:
+        """uint8 frames [H, W, 3] one by one, each decoded by the VQGAN as soon as its codes are generated (the
+        device generates the next frame meanwhile); `options` are `generate_codes`'s (guidance, sampling,
+        seed)."""
+        for codes in self._code_frames(prompt, frames, **options):
+            yield self.vqgan.decode(codes[None])[0]
+
+    def generate_video(
+        self,
+        prompt: str,
+        frames: int = 1,
+        *,
+        on_frame: Callable[[int, np.ndarray], None] | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """uint8 frames [frames, H, W, 3] from a text prompt (see `generate_codes` for the arguments), each
+        decoded as it is produced; `on_frame(index, frame)` receives them as they come."""
+        out = []
+        for frame in self.generate_frames(prompt, frames, **kwargs):
+            if on_frame:
+                on_frame(len(out), frame)
+            out.append(frame)
+        size = self.vqgan.cfg.resolution
+        return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:

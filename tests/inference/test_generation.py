@@ -1,11 +1,16 @@
 """Inference math: a KV cache filled by ring-attention prefill and extended step by step gives the logits of
-recomputing the full forward pass; sharded prefill equals unsharded prefill; sampling filters."""
+recomputing the full forward pass; sharded prefill equals unsharded prefill; sampling filters. The decode loops
+on the device pick the tokens of the host-driven loops (`host_generate_*`) and of full recomputation, give a row
+the same tokens in a batch as alone, reproduce seeded samples, and compile a few bucketed shapes, not one per
+request."""
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_mesh
+from conftest import make_mesh, tiny_tokenizers
 
 from lvm.batch import Batch, batch_shardings
 from lvm.config import load_config
@@ -96,7 +101,7 @@ def test_sharded_prefill_equals_unsharded_prefill():
 
 @pytest.mark.slow
 def test_greedy_cached_generation_picks_the_tokens_of_full_recomputation():
-    from lvm.generation import Generator, generate_text
+    from lvm.generation import Generator, generate_text, host_generate_text
 
     cfg, mesh = cfg_for((1, 1, 1, 4)), make_mesh((1, 1, 1, 4))
     params = init_params(cfg, mesh, jax.random.key(4))
@@ -104,6 +109,7 @@ def test_greedy_cached_generation_picks_the_tokens_of_full_recomputation():
     gen = Generator(params, cfg, mesh)
     text, _, cache = gen.prefill([(ids[0], vis[0])], room=16)
     got = generate_text(gen, cache, text, 10, eos_id=-1)[0]
+    assert got == host_generate_text(gen, cache, text, 10, eos_id=-1)[0]
     seq_ids, seq_vis = ids, vis
     expected = []
     for _ in range(10):  # recompute the whole forward pass for every new token
@@ -178,3 +184,197 @@ def test_sampling_never_picks_an_id_beyond_the_tokenizer():
         for seed in range(4):
             out = generate_text(gen, cache, text, 12, eos_id=-1, sampling=sampling, seed=seed, vocab_size=n)
             assert all(len(row) == 12 and max(row) < n for row in out), (sampling, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The decode loops on the device
+
+
+@pytest.fixture(scope="module")
+def gen():
+    from lvm.generation import Generator
+
+    cfg, mesh = cfg_for((1, 1, 1, 2)), make_mesh((1, 1, 1, 2))
+    return Generator(init_params(cfg, mesh, jax.random.key(8)), cfg, mesh)
+
+
+def text_prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(1, 512, n).astype(np.int32), np.zeros(n, bool)) for n in lengths]
+
+
+def test_device_text_loop_picks_the_host_loops_tokens_and_a_row_gets_what_it_gets_alone(gen):
+    from lvm.generation import Sampling, TextDecoder, generate_text, host_generate_text
+
+    prompts = text_prompts((5, 30, 17))
+    text, _, cache = gen.prefill(prompts, room=24)
+    free = host_generate_text(gen, cache, text, 20, eos_id=-1)
+    eos = free[1][6]  # a token row 1 picks: it stops there, the others may stop elsewhere or run to the limit
+    ref = host_generate_text(gen, cache, text, 20, eos_id=eos)
+    assert [r[: r.index(eos)] if eos in r else r for r in free] == ref and len(ref[1]) < 20
+    expected_stream = [(r, ref[r][step]) for step in range(20) for r in range(3) if step < len(ref[r])]
+    for chunk in (16, 3):
+        streamed = []
+        got = generate_text(
+            gen, cache, text, 20, eos, chunk=chunk, on_token=lambda *rt, s=streamed: s.append(rt)
+        )
+        assert got == ref and streamed == expected_stream, (
+            chunk
+        )  # the host loop's order: step by step, row by row
+
+    sampled = Sampling(1.0, top_k=50)
+    draws = generate_text(gen, cache, text, 20, eos, sampled, seed=7)
+    assert draws == generate_text(
+        gen, cache, text, 20, eos, sampled, seed=7, chunk=3
+    )  # reproducible, any chunk
+    assert draws != generate_text(gen, cache, text, 20, eos, sampled, seed=8) and draws != ref
+    for r, prompt in enumerate(prompts):  # row r uses seed + r: alone with that seed it draws the same
+        t1, _, c1 = gen.prefill([prompt], room=24)
+        assert generate_text(gen, c1, t1, 20, eos)[0] == ref[r]
+        assert generate_text(gen, c1, t1, 20, eos, sampled, seed=7 + r)[0] == draws[r]
+
+    mixed = generate_text(gen, cache, text, 20, eos, [Sampling(), sampled, Sampling()], seed=7)
+    assert mixed[0] == ref[0] and mixed[2] == ref[2] and mixed[1] == draws[1]  # settings per row
+
+    decoder = TextDecoder(gen, cache, text, 20, eos, chunk=3)
+    chunks = list(decoder)
+    assert len(chunks[0][0]) == 1 and all(len(c[0]) <= 3 for c in chunks)  # a first token, then chunks
+    assert decoder.tokens == ref and decoder.done.all()
+    stopped = np.array([len(r) < 20 for r in ref])  # the rows that sampled EOS: it is in their cache
+    lengths = np.array([len(p[0]) for p in prompts]) + [len(r) for r in ref] + stopped
+    np.testing.assert_array_equal(np.asarray(decoder.state.cache.length), lengths)
+
+
+def test_device_vision_loop_picks_the_host_loops_codes(gen):
+    from lvm.generation import Sampling, VisionDecoder, generate_vision, host_generate_vision
+
+    prompts = text_prompts((3, 3), seed=1)
+    prompts[1] = (prompts[1][0][:1], prompts[1][1][:1])  # the unconditional twin: a shorter prompt
+    _, vision, cache = gen.prefill(prompts, room=3 * 5)
+    for guidance, c, v in ((2.0, cache, vision), (None, _first(cache), vision[:1])):
+        ref = host_generate_vision(gen, c, v, 3, 4, 256, guidance=guidance)
+        np.testing.assert_array_equal(generate_vision(gen, c, v, 3, 4, 256, guidance=guidance), ref)
+    sampled = [generate_vision(gen, cache, vision, 3, 4, 256, Sampling(1.0), 2.0, seed) for seed in (3, 3, 4)]
+    np.testing.assert_array_equal(sampled[0], sampled[1])
+    assert not np.array_equal(sampled[0], sampled[2]) and sampled[0].max() < 256
+    frames = list(VisionDecoder(gen, cache, vision, 3, 4, 256, Sampling(1.0), 2.0, seed=3))
+    np.testing.assert_array_equal(np.stack(frames, axis=1), sampled[0])  # a frame at a time, as they come
+
+
+def _first(cache):
+    """Row 0 of a cache."""
+    from lvm.model import KVCache
+
+    return KVCache(cache.k[:, :1], cache.v[:, :1], cache.length[:1])
+
+
+def test_append_gives_the_logits_of_extending_each_row(gen):
+    from lvm.generation import generate_text, host_generate_text
+
+    context = text_prompts((40, 9), seed=2)
+    _, _, cache = gen.prefill(context, room=64)
+    rows = text_prompts((5, 40), seed=3)  # two calls of 32 tokens, the second padded
+    text, vision, appended = gen.append(cache, rows)
+    np.testing.assert_array_equal(np.asarray(appended.length), [45, 49])
+    for r, (ids, vis) in enumerate(rows):
+        one = _row(cache, r)
+        t, v, extended = gen.extend_chunked(one, ids[None], vis[None])
+        np.testing.assert_allclose(np.asarray(text)[r], t[0, -1], rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(vision)[r], v[0, -1], rtol=2e-5, atol=2e-6)
+        assert generate_text(gen, _row(appended, r), text[r : r + 1], 8, -1) == host_generate_text(
+            gen, extended, t[:, -1], 8, -1
+        )
+    with pytest.raises(ValueError, match="free slots"):
+        gen.append(cache, text_prompts((480, 5)))
+
+
+def _row(cache, r):
+    from lvm.model import KVCache
+
+    return KVCache(cache.k[:, r : r + 1], cache.v[:, r : r + 1], cache.length[r : r + 1])
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """Counts every computation jax lowers for compilation (jitted functions and eager ops alike, whether or
+    not the persistent cache then has it) while the block runs."""
+    events = []
+    listener = lambda event, _seconds, **_: events.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_requests_of_any_length_compile_a_few_bucketed_shapes():
+    """20 requests (text prompts of 3..500 tokens with 1..48 new tokens, questions of 1..70 tokens about a
+    cached context) compile a handful of shapes: prompt widths and cache sizes are bucketed, the question is
+    appended in pieces of 32 tokens (the last one a multiple of 8), the decode loop's length, the EOS id and
+    the sampling settings are traced."""
+    from lvm.generation import Generator, Sampling, generate_text
+
+    cfg, mesh = cfg_for((1, 1, 1, 2)), make_mesh((1, 1, 1, 2))
+    gen = Generator(init_params(cfg, mesh, jax.random.key(9)), cfg, mesh)
+    rng = np.random.default_rng(0)
+    _, _, context = gen.prefill(text_prompts((100,)), room=150)
+    before = {name: f._cache_size() for name, f in gen.jitted().items()}  # shared by every Generator
+    with counting_compiles() as events:
+        for i in range(20):
+            new = int(rng.integers(1, 49))
+            sampling = Sampling(float(rng.uniform(0.5, 2)), int(rng.integers(0, 50))) if i % 3 else Sampling()
+            if i % 2:
+                text, _, cache = gen.append(context, text_prompts((int(rng.integers(1, 71)),), seed=i))
+            else:
+                n = (3, 500)[i // 2] if i < 4 else int(rng.integers(3, 501))  # both width buckets early
+                text, _, cache = gen.prefill(text_prompts((n,), seed=i), room=new)
+            out = generate_text(gen, cache, text, new, eos_id=-1, sampling=sampling, seed=i, vocab_size=400)
+            assert len(out[0]) == new and max(out[0]) < 400
+    sizes = {name: f._cache_size() - before[name] for name, f in gen.jitted().items()}
+    lowered = events.count("/jax/core/compile/jaxpr_to_mlir_module_duration")
+    # prefill: widths 256 and 512 (sp=2 buckets), caches 512 / 768; the decode loop: those two caches and the
+    # context's; append: pieces of 8, 16, 24 and 32 tokens to the context's cache
+    assert sizes["prefill"] <= 3 and sizes["text_chunk"] <= 3 and sizes["append"] <= 4, sizes
+    assert sum(sizes.values()) <= 10 and lowered <= 16, (sizes, lowered)
+
+
+def test_model_streams_answers_and_frames_as_they_come(tmp_path):
+    """`Model.answer_stream` / `answer(on_text=...)` hand over the answer a chunk at a time and give the answer
+    of the host loop `answer` ran before; `generate_video` decodes each frame as it comes, the frames of
+    `generate_codes`, whose codes are the host loop's."""
+    from lvm.generation import Generator, host_generate_text, host_generate_vision
+    from lvm.inference import GREEDY, Model
+    from lvm.tokenizers import format as fmt
+    from lvm.tokenizers.text import SentencePieceTokenizer
+
+    tok = tiny_tokenizers(tmp_path)  # an untrained VQGAN of 8x8 codes at tmp_path/vqgan
+    cfg, mesh = cfg_for((1, 1, 1, 2)), make_mesh((1, 1, 1, 2))
+    model = Model.__new__(Model)  # a random model: what matters is that both loops pick the same tokens
+    model.cfg, model.mesh, model.params = cfg, mesh, init_params(cfg, mesh, jax.random.key(10))
+    model.generator = gen = Generator(model.params, cfg, mesh)
+    model.codec = SentencePieceTokenizer(tok.model_file)
+    model.vqgan_path, model._vqgan, model.context = str(tmp_path / "vqgan"), None, 2048
+
+    ctx = model.video_context(np.random.default_rng(0).integers(0, 256, (2, 8, 8)), room=64)
+    question = "What colour is the video?"
+    pieces = list(model.answer_stream(ctx, question, max_new_tokens=24, chunk=4))
+    got = []
+    answer = model.answer(ctx, question, max_new_tokens=24, on_text=got.append)
+    assert "".join(pieces).strip() == answer == "".join(got).strip() and len(pieces[0]) > 0
+    ids, vis = model._question_tokens(ctx, question)  # as `answer` ran before: one dispatch per token
+    text, _, cache = gen.extend_chunked(ctx.cache, ids[None], vis[None])
+    eos, n = model.codec.eos_id, model.codec.vocab_size
+    ref = host_generate_text(gen, cache, text[:, -1], 24, eos, vocab_size=n)[0]
+    assert answer == model.codec.decode(ref, continuation=True).strip()
+
+    shown = []
+    video = model.generate_video(
+        "a red video", 2, sampling=GREEDY, on_frame=lambda i, f: shown.append((i, f))
+    )
+    codes = model.generate_codes("a red video", 2, sampling=GREEDY)
+    np.testing.assert_array_equal(video, model.vqgan.decode(codes))
+    assert [i for i, _ in shown] == [0, 1] and all(np.array_equal(f, video[i]) for i, f in shown)
+    rows = [model.codec.encode_pieces(fmt.video_request(p)) for p in ("a red video", "")]
+    _, vision, cache = gen.prefill([(np.asarray(r), np.zeros(len(r), bool)) for r in rows], 2 * 65)
+    ref_codes = host_generate_vision(gen, cache, vision, 2, 64, 256, GREEDY, guidance=3.0)
+    np.testing.assert_array_equal(codes, ref_codes[0].reshape(2, 8, 8))
