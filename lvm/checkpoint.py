@@ -12,6 +12,12 @@ the target mesh, whatever mesh wrote them.
 A model folder is either a training workdir (`config.yaml`, `checkpoints/`) or an export folder (`config.yaml`,
 `params/`, written by `export`); both may hold `tokenizers.json` (the absolute paths of the SentencePiece model
 and VQGAN workdir the model's data was made with). `load_params` reads either, after checking the shapes.
+
+Every folder here may be local or a `gs://` URI. The small files go through `lvm.data_pipeline.storage` (whole
+objects, written atomically); Orbax writes and reads the arrays itself: on `gs://` it writes a step in place and
+marks it complete with a `commit_success.txt` written last (GCS has no rename), so `latest_step` never lists a
+step that was interrupted either. Orbax's file layer (etils) is pointed at gcsfs, the client `storage` uses, and
+with `STORAGE_EMULATOR_HOST` set (a loopback GCS server) TensorStore is pointed at the same server.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import orbax.checkpoint as ocp
 import yaml
 
 from lvm.config import Config, ConfigError, MeshConfig, config_from_dict, config_to_dict
+from lvm.data_pipeline import storage
 from lvm.model import param_shapes, param_shardings
 
 ITEMS = ("params", "opt_state", "meta")
@@ -36,17 +43,59 @@ SHAPE_KEYS = ("text_vocab_size", "vision_vocab_size", "d_model", "n_layers", "n_
 SHAPE_KEYS += ("head_dim", "mlp_dim")
 
 
+def resolve_uri(path: str | os.PathLike) -> str:
+    """A path as a string: a `gs://` URI as given, a local path made absolute. `Path("gs://b/x")` collapses
+    the scheme's slashes to `gs:/b/x`; that form is read as the URI it came from."""
+    d = os.fspath(path).rstrip("/") or "/"
+    if d.startswith("gs:/") and not storage.is_gcs(d):
+        d = "gs://" + d[len("gs:/") :]
+    return d if storage.is_gcs(d) else str(Path(d).resolve())
+
+
+def is_folder(uri: str) -> bool:
+    """A local folder, or a `gs://` prefix holding at least one object."""
+    return bool(storage.listdir(uri)) if storage.is_gcs(uri) else Path(uri).is_dir()
+
+
+def _gcs_clients() -> None:
+    """Point Orbax's gs:// clients where `storage` points: etils' paths through fsspec (gcsfs) rather than
+    tf.io.gfile, which ignores STORAGE_EMULATOR_HOST (`EPATH_USE_TF=false` unless set); TensorStore at the
+    emulator when one is set."""
+    os.environ.setdefault("EPATH_USE_TF", "false")
+    from etils.epath import gpath
+
+    # etils reads EPATH_USE_TF once, at its first path operation (jax's compile cache may have made it)
+    choice = getattr(gpath, "_is_tf_installed", None)
+    if hasattr(choice, "cache_clear"):
+        choice.cache_clear()
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = storage.endpoint()
+
+
 def _path(directory: str | os.PathLike) -> str | Path:
-    d = str(directory)
-    return d if d.startswith("gs://") else Path(d).resolve()
+    """What Orbax takes: a gs:// URI (its clients set up) or an absolute local Path."""
+    d = resolve_uri(directory)
+    if storage.is_gcs(d):
+        _gcs_clients()
+        return d
+    return Path(d)
 
 
 class Checkpointer:
-    """Saves and restores (params, opt_state, meta) by step under `directory`."""
+    """Saves and restores (params, opt_state, meta) by step under `directory`.
 
-    def __init__(self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True):
+    `cleanup`: delete steps left incomplete by an interrupted save when opened (only the run that writes the
+    checkpoints may: a reader could delete the step a live run is writing)."""
+
+    def __init__(
+        self, directory: str | os.PathLike, keep: int = 2, async_save: bool = True, cleanup: bool = False
+    ):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=cleanup,
         )
         self.directory = _path(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
@@ -69,6 +118,10 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def reload(self) -> None:
+        """Read the complete steps from storage again (after a failed save, which was already listed)."""
+        self.manager.reload()
 
     def restore(self, step: int, abstract_params, abstract_opt_state=None):
         """(params, opt_state or None, meta) of `step`, placed on the targets' shardings."""
@@ -99,8 +152,7 @@ def abstract_tree(shapes, shardings):
 
 
 def _params_path(out_dir: str | os.PathLike) -> str | Path:
-    path = _path(out_dir)
-    return f"{path}/params" if isinstance(path, str) else path / "params"
+    return _path(storage.join(resolve_uri(out_dir), "params"))
 
 
 def export_params(params, out_dir: str | os.PathLike) -> str:
@@ -126,28 +178,33 @@ def load_exported_params(out_dir: str | os.PathLike, abstract_params):
 
 
 def write_config(folder: str | os.PathLike, cfg: Config) -> None:
-    Path(folder, CONFIG_FILE).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    storage.write_bytes(storage.join(resolve_uri(folder), CONFIG_FILE), text.encode())
 
 
 def read_config(folder: str | os.PathLike) -> Config:
     """The resolved config a training workdir or export folder was written with."""
-    path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
+    try:
+        text = storage.read_text(storage.join(resolve_uri(folder), CONFIG_FILE))
+    except FileNotFoundError:
         raise FileNotFoundError(
-            f"no model at {folder} (no {CONFIG_FILE}): give a training workdir (`lvm train --workdir`) or an "
-            "`lvm export` folder"
-        )
-    return config_from_dict(yaml.safe_load(path.read_text()))
+            f"no model at {resolve_uri(folder)} (no {CONFIG_FILE}): give a training workdir (`lvm train "
+            "--workdir`) or an `lvm export` folder"
+        ) from None
+    return config_from_dict(yaml.safe_load(text))
 
 
 def write_tokenizers(folder: str | os.PathLike, tokenizers: dict[str, str | None]) -> None:
-    Path(folder, TOKENIZERS_FILE).write_text(json.dumps(tokenizers, indent=1))
+    text = json.dumps(tokenizers, indent=1)
+    storage.write_bytes(storage.join(resolve_uri(folder), TOKENIZERS_FILE), text.encode())
 
 
 def read_tokenizers(folder: str | os.PathLike) -> dict:
     """`{"text_tokenizer": path, "vqgan": path}` of a model folder ({} when it names none)."""
-    path = Path(folder) / TOKENIZERS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(storage.read_text(storage.join(resolve_uri(folder), TOKENIZERS_FILE)))
+    except FileNotFoundError:
+        return {}
 
 
 def check_same_shapes(saved: Config, cfg: Config, where: str) -> None:
@@ -174,26 +231,27 @@ def export(folder: str | os.PathLike, params, cfg: Config, tokenizers: dict[str,
 
 def load_params(source: str | os.PathLike, cfg: Config, mesh, abstract_params=None):
     """Params for `cfg` on `mesh` from a training workdir (newest checkpoint) or an export folder."""
-    source = Path(source)
+    source = resolve_uri(source)
     if abstract_params is None:
         abstract_params = abstract_tree(param_shapes(cfg.model), param_shardings(cfg, mesh))
-    if (source / "params").is_dir() and (source / CONFIG_FILE).is_file():  # exported
-        check_same_shapes(read_config(source), cfg, str(source))
+    checkpoints = storage.join(source, "checkpoints")
+    if is_folder(storage.join(source, "params")) and storage.exists(storage.join(source, CONFIG_FILE)):
+        check_same_shapes(read_config(source), cfg, source)  # exported
         return load_exported_params(source, abstract_params)
-    if not (source / "checkpoints").is_dir():
+    if not is_folder(checkpoints):
         raise FileNotFoundError(
             f"{source} is neither a training workdir (no checkpoints/) nor an `lvm export` folder "
             f"(params/ + {CONFIG_FILE})"
         )
-    ckpt = Checkpointer(source / "checkpoints")
+    ckpt = Checkpointer(checkpoints)
     try:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(
-                f"no complete checkpoint under {source / 'checkpoints'}; give a training workdir that has "
-                "one or an `lvm export` folder"
+                f"no complete checkpoint under {checkpoints}; give a training workdir that has one or an "
+                "`lvm export` folder"
             )
-        check_same_shapes(config_from_dict(ckpt.restore_meta(step)["config"]), cfg, str(source))
+        check_same_shapes(config_from_dict(ckpt.restore_meta(step)["config"]), cfg, source)
         return ckpt.restore(step, abstract_params)[0]
     finally:
         ckpt.close()

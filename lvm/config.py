@@ -208,6 +208,7 @@ class TrainConfig:
     eval_batches: int = 2
     eval_buckets: int = 4  # validation loss reported per position bucket (equal slices of seq_len)
     checkpoint_every: int = 100
+    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time passed since the last (0: off)
     keep_checkpoints: int = 2
     nonfinite: str = "stop"  # NaN/inf loss or gradient: "stop" with an error, or "skip" the update
     profile_steps: tuple[int, ...] = ()  # (first, last): trace steps first..last-1 to workdir/profile
@@ -229,6 +230,10 @@ class TrainConfig:
         )
         for name in ("warmup_steps", "end_lr", "weight_decay", "clip_norm", "eval_every"):
             _require(getattr(self, name) >= 0, f"train.{name}={getattr(self, name)} must be >= 0")
+        _require(
+            0 <= self.checkpoint_minutes < float("inf"),
+            f"train.checkpoint_minutes={self.checkpoint_minutes} must be a number of minutes >= 0 (0: off)",
+        )
         _require(self.end_lr <= self.lr, f"train.end_lr={self.end_lr} must not exceed train.lr={self.lr}")
         _require(
             self.seq_len % self.eval_buckets == 0,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lvm import schema
 from lvm.config import CONFIG_DIR, Config, ConfigError, load_config
+from lvm.data_pipeline import storage
 
 KEYS = ("include", "defaults", "stages")
 
@@ -134,27 +135,33 @@ def _stage_of(override: str) -> str | None:
     return prefix if sep and "=" not in prefix else None
 
 
-def _stage_done(stage_dir: Path, stage: Stage) -> dict | None:
-    path = stage_dir / "summary.json"
-    if not path.is_file():
+def _stage_done(stage_dir: str, stage: Stage) -> dict | None:
+    try:
+        result = json.loads(storage.read_text(storage.join(stage_dir, "summary.json")))
+    except FileNotFoundError:
         return None
-    result = json.loads(path.read_text())
     return result if not result["preempted"] and result["steps"] >= stage.cfg.train.steps else None
+
+
+def _write_summary(workdir: str, summary: dict) -> None:
+    storage.write_bytes(storage.join(workdir, "summary.json"), json.dumps(summary, indent=1).encode())
 
 
 def run_curriculum(
     cur: Curriculum, workdir: str | Path, *, init_from: str | None = None, progress: bool = True
 ) -> dict:
-    """Train the stages in order under `workdir/stages/NAME`, each from the previous stage's final params.
+    """Train the stages in order under `workdir/stages/NAME` (`workdir` local or gs://), each from the previous
+    stage's final params.
 
     Finished stages are skipped; an unfinished one resumes from its newest checkpoint. Writes and returns
     `workdir/summary.json`: {"curriculum", "complete", "stages": {name: {steps, tokens, final_loss, seconds,
     val_loss, workdir}}}; prints a table at the end."""
     import jax
 
+    from lvm.checkpoint import resolve_uri
     from lvm.trainer import train
 
-    workdir = Path(workdir).resolve()
+    workdir = resolve_uri(workdir)
     for stage in cur.stages:  # every stage's settings are checked before the first compile
         try:
             stage.cfg.check_training(jax.device_count())
@@ -163,7 +170,7 @@ def run_curriculum(
     summary: dict = {"curriculum": cur.name, "complete": False, "stages": {}}
     previous = init_from
     for stage in cur.stages:
-        stage_dir = workdir / "stages" / stage.name
+        stage_dir = storage.join(workdir, "stages", stage.name)
         result = _stage_done(stage_dir, stage)
         if result is not None:
             print(f"stage {stage.name}: already finished, skipped", flush=True)
@@ -176,18 +183,17 @@ def run_curriculum(
             "final_loss": result["final_loss"],
             "seconds": result["seconds"],
             "val_loss": (result.get("val") or {}).get("loss"),
-            "workdir": str(stage_dir),
+            "workdir": stage_dir,
         }
         if jax.process_index() == 0:
-            workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+            _write_summary(workdir, summary)
         if result["preempted"]:
             print(f"stage {stage.name}: preempted at step {result['steps']}; rerun to continue", flush=True)
             return summary
-        previous = str(stage_dir)
+        previous = stage_dir
     summary["complete"] = True
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+        _write_summary(workdir, summary)
         print(format_table(summary), flush=True)
     return summary
 

@@ -1,15 +1,21 @@
 """`lvm train`: the training loop over a config's mesh, with Orbax checkpoints and exact resumption.
 
-Run folder (`workdir`):
+Run folder (`workdir`, a local path or a `gs://` URI; every file below lands there, written atomically):
     config.yaml        the resolved config            run.json       commit, package versions, devices per start
     metrics.jsonl      one record per step            eval.jsonl     validation loss by position bucket
     tb/                TensorBoard events              checkpoints/   Orbax steps (see lvm.checkpoint)
     data/              synthetic corpora, if any       summary.json   steps, tokens, final loss, seconds
     profile/           profiler trace (train.profile_steps)
+    tokenizers.json    the tokenizers the corpora were made with (when they name them)
+On gs://, the log files (metrics, eval, tb, profile) are staged locally and uploaded whole before each
+checkpoint, at the end and every minute or so (see lvm.metrics); the rest are single whole-object writes.
 
 Starting again with the same workdir resumes from the newest complete checkpoint: params, optimizer state,
 step, RNG and the loader's position, so later steps see exactly the batches of an uninterrupted run. Without a
 checkpoint, params come from `init_from` (a previous stage's workdir or an exported folder) or are initialised.
+Checkpoints are saved every `train.checkpoint_every` steps and, with `train.checkpoint_minutes`, whenever that
+much wall time has passed since the last one: process 0's clock decides and broadcasts, so every host saves at
+the same step.
 Params and optimizer state are created, restored and updated on their final shardings, so the step compiles
 once. SIGTERM (TPU preemption) saves a checkpoint and stops; a non-finite loss stops with an error (leaving
 the last checkpoint as it was) or skips the update, per `train.nonfinite`.
@@ -20,7 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
+import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +39,7 @@ import numpy as np
 from lvm import checkpoint
 from lvm.batch import batch_shardings
 from lvm.config import Config, config_from_dict, config_to_dict
-from lvm.data_pipeline import synthetic
+from lvm.data_pipeline import storage, synthetic
 from lvm.data_pipeline.loader import Loader, LoaderConfig, Source
 from lvm.metrics import MetricsWriter, flops_per_token, peak_flops
 from lvm.model import (
@@ -47,6 +55,9 @@ from lvm.model import (
 from lvm.optim import learning_rate, make_optimizer
 from lvm.provenance import run_record
 from lvm.sharding import make_mesh, replicated
+
+SAVE_TRIES = 3  # tries to write one checkpoint (see Trainer._checkpoint_io)
+SAVE_RETRY_S = 5.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -78,7 +89,16 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def prepare_data(cfg: Config, workdir: Path) -> tuple[tuple[Source, ...], str | None]:
+def _agreed(flag: bool) -> bool:
+    """Process 0's `flag` on every process (one small broadcast when there are several)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
+
+
+def prepare_data(cfg: Config, workdir: str) -> tuple[tuple[Source, ...], str | None]:
     """Training sources and validation corpus; a synthetic task's corpora are written once, by process 0."""
     d = cfg.data
     if d.synthetic is None:
@@ -87,9 +107,9 @@ def prepare_data(cfg: Config, workdir: Path) -> tuple[tuple[Source, ...], str | 
     made = {}
     for split, n_docs in (("train", d.synthetic_docs), ("val", None)):
         seed = [d.seed, split == "val", d.synthetic_doc_len, d.synthetic_block]  # new documents per stage
-        uri = str(workdir / "data" / split)
+        uri = storage.join(workdir, "data", split)
         n_docs = n_docs or max(d.synthetic_docs // 4, 1)
-        if _is_main() and not (Path(uri) / "dataset.json").is_file():
+        if _is_main() and not storage.exists(storage.join(uri, "dataset.json")):
             vocab = cfg.model.text_vocab_size
             docs = synthetic.markov_copy_documents(
                 n_docs, d.synthetic_doc_len, d.synthetic_block, vocab, seed
@@ -101,17 +121,26 @@ def prepare_data(cfg: Config, workdir: Path) -> tuple[tuple[Source, ...], str | 
 
 
 class Trainer:
-    """One training run in `workdir`; `run()` trains to `train.steps` (or until preempted)."""
+    """One training run in `workdir` (a local path or gs:// URI); `run()` trains to `train.steps` (or until
+    preempted). `clock` (seconds) times `train.checkpoint_minutes`."""
 
     def __init__(
-        self, cfg: Config, workdir: str | Path, *, init_from: str | None = None, progress: bool = True
+        self,
+        cfg: Config,
+        workdir: str | Path,
+        *,
+        init_from: str | None = None,
+        progress: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ):
         mesh_cfg = cfg.check_training(jax.device_count())  # every impossible setting fails here
         self.cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
         self.mesh = make_mesh(mesh_cfg)
-        self.workdir = Path(workdir).resolve()
+        self.workdir = checkpoint.resolve_uri(workdir)
         self.init_from = init_from
         self.progress = progress
+        self.clock = clock
+        self._last_save = clock()
         t = self.cfg.train
         self.optimizer = make_optimizer(t)
         self.lr = learning_rate(t)
@@ -124,11 +153,13 @@ class Trainer:
             out_shardings=replicated(self.mesh),
         )
         if _is_main():
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            storage.makedirs(self.workdir)
         _barrier("lvm-workdir")
         self.sources, self.val = prepare_data(self.cfg, self.workdir)
         self.loader = Loader(self._loader_config(self.sources, t.batch_size, self.cfg.data.seed), self.mesh)
-        self.checkpoints = checkpoint.Checkpointer(self.workdir / "checkpoints", keep=t.keep_checkpoints)
+        self.checkpoints = checkpoint.Checkpointer(
+            storage.join(self.workdir, "checkpoints"), keep=t.keep_checkpoints, cleanup=True
+        )
         self.writer = MetricsWriter(self.workdir, enabled=_is_main())
         self.params = self.opt_state = None
         self.step = 0
@@ -166,7 +197,7 @@ class Trainer:
         if latest is not None:
             meta = self.checkpoints.restore_meta(latest)
             checkpoint.check_same_shapes(
-                config_from_dict(meta["config"]), self.cfg, f"{self.workdir}/checkpoints"
+                config_from_dict(meta["config"]), self.cfg, storage.join(self.workdir, "checkpoints")
             )
             self.params, self.opt_state, meta = self.checkpoints.restore(
                 latest, abstract_params, abstract_opt
@@ -182,6 +213,7 @@ class Trainer:
                 self.rng, key = jax.random.split(self.rng)
                 self.params = init_params(self.cfg, self.mesh, key)
             self.opt_state = init_opt_state(self.cfg, self.mesh, self.optimizer, self.params)
+        self.writer.resume(self.step)  # the logs keep the steps up to here; later ones are trained again
         return self.step
 
     def _record_start(self) -> None:
@@ -191,10 +223,10 @@ class Trainer:
         tokenizers = {k: c.header.get(k) for c in self.loader.corpora for k in ("text_tokenizer", "vqgan")}
         if any(tokenizers.values()):  # what inference needs to read this model's tokens
             checkpoint.write_tokenizers(self.workdir, tokenizers)
-        path = self.workdir / "run.json"
-        runs = json.loads(path.read_text()) if path.is_file() else {"starts": []}
+        path = storage.join(self.workdir, "run.json")
+        runs = json.loads(storage.read_text(path)) if storage.exists(path) else {"starts": []}
         runs["starts"].append({**run_record(), "step": self.checkpoints.latest_step() or 0})
-        path.write_text(json.dumps(runs, indent=1))
+        storage.write_bytes(path, json.dumps(runs, indent=1).encode())
 
     # The loop ----------------------------------------------------------------------------------------------------
 
@@ -209,6 +241,7 @@ class Trainer:
         peak = peak_flops(jax.devices()[0].device_kind, t.peak_flops)
         flops = flops_per_token(self.cfg) * tokens_per_step
         bar = tqdm(total=t.steps, initial=self.step, disable=not (self.progress and _is_main()), desc="train")
+        self._last_save = self.clock()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while self.step < t.steps and not self._preempted():
@@ -229,18 +262,20 @@ class Trainer:
                 bar.update()
                 if t.eval_every and self.step % t.eval_every == 0 and self.val:
                     self.evaluate()
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps or self._time_to_save():
                     self.save()
             preempted = self.step < t.steps
             if preempted and self.checkpoints.latest_step() != self.step:
                 self.save()
             if not preempted and self.val and (self.val_result or {}).get("step") != self.step:
                 self.evaluate()
+            self._checkpoint_io(self.checkpoints.wait)
         finally:
             signal.signal(signal.SIGTERM, previous)
             self._profile(None)
             bar.close()
             self.checkpoints.wait()
+            self.writer.flush()
         result = RunResult(
             steps=self.step,
             tokens=self.step * tokens_per_step,
@@ -251,7 +286,9 @@ class Trainer:
             val=self.val_result,
         )
         if _is_main():
-            (self.workdir / "summary.json").write_text(json.dumps(result.to_dict(), indent=1))
+            storage.write_bytes(
+                storage.join(self.workdir, "summary.json"), json.dumps(result.to_dict(), indent=1).encode()
+            )
         return result
 
     def _record(self, metrics: dict, dt: float, tokens: int, flops: float, peak: float | None) -> dict:
@@ -262,8 +299,18 @@ class Trainer:
         self.last_metrics = record
         return record
 
+    def _time_to_save(self) -> bool:
+        """`train.checkpoint_minutes` have passed since the last checkpoint, by process 0's clock."""
+        minutes = self.cfg.train.checkpoint_minutes
+        return bool(minutes) and _agreed(self.clock() - self._last_save >= 60 * minutes)
+
     def save(self) -> None:
-        """Start an asynchronous checkpoint of the current step."""
+        """Start an asynchronous checkpoint of the current step (the logs up to it are uploaded first)."""
+        self._last_save = self.clock()
+        self.writer.flush()
+        self._checkpoint_io(self._start_save)
+
+    def _start_save(self) -> None:
         meta = {
             "step": self.step,
             "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
@@ -273,6 +320,31 @@ class Trainer:
             "metrics": self.last_metrics,
         }
         self.checkpoints.save(self.step, self.params, self.opt_state, meta)
+
+    def _checkpoint_io(self, action: Callable[[], None]) -> None:
+        """`action()`: start a save, or wait for the one in flight. When it fails, or the asynchronous write
+        before it did (its error comes out here), the current step is saved again and waited for, up to
+        `SAVE_TRIES` tries `SAVE_RETRY_S` apart: storage trouble that outlasts the clients' own retries costs a
+        checkpoint, not the run. A failed step never counts (it lacks Orbax's completion mark) and is removed
+        on the next start. Several processes would have to agree on a retry: they stop instead (rerun to resume
+        from the newest complete checkpoint)."""
+        for attempt in range(1, SAVE_TRIES + 1):
+            try:
+                action()
+                return
+            except Exception as err:
+                if jax.process_count() > 1 or attempt == SAVE_TRIES:
+                    raise
+                cause = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                print(
+                    f"lvm train: warning: writing a checkpoint failed ({type(err).__name__}: {cause}); saving "
+                    f"step {self.step} again in {SAVE_RETRY_S:g} s (try {attempt + 1} of {SAVE_TRIES})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                time.sleep(SAVE_RETRY_S)
+                self.checkpoints.reload()  # forget the failed step
+                action = lambda: (self._start_save(), self.checkpoints.wait())
 
     def _on_nonfinite(self, metrics: dict) -> None:
         what = f"step {self.step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}"
@@ -284,8 +356,9 @@ class Trainer:
         kept = (
             f"the last good checkpoint (step {last}) is intact" if last is not None else "no checkpoint yet"
         )
+        where = storage.join(self.workdir, "checkpoints")
         raise NonFiniteLossError(
-            f"{what} is not finite; stopped without saving ({kept} under {self.workdir}/checkpoints). "
+            f"{what} is not finite; stopped without saving ({kept} under {where}). "
             "Lower train.lr or raise train.warmup_steps, check the data, or set train.nonfinite=skip"
         )
 
@@ -338,11 +411,12 @@ class Trainer:
         if not window:
             return
         if step == window[0]:
-            jax.profiler.start_trace(str(self.workdir / "profile"))
+            jax.profiler.start_trace(self.writer.local_dir("profile"))  # uploaded by the next flush on gs://
             self._tracing = True
         elif getattr(self, "_tracing", False) and (step is None or step >= window[1]):
             jax.profiler.stop_trace()
             self._tracing = False
+            self.writer.flush()
 
     def close(self) -> None:
         self.loader.close()

@@ -15,7 +15,9 @@ def add_arguments(parser) -> None:
         metavar="[STAGE:]KEY=VALUE",
         help="override for every stage, or for one stage when prefixed by its name",
     )
-    parser.add_argument("--workdir", required=True, help="folder of stages/NAME run folders and summary.json")
+    parser.add_argument(
+        "--workdir", required=True, help="folder (local or gs://) of stages/NAME run folders and summary.json"
+    )
     parser.add_argument("--init-from", help="start the first stage from this workdir's or export's params")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     distributed.add_arguments(parser)

@@ -6,9 +6,13 @@ import json
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--workdir", required=True, help="training run folder (its newest checkpoint)")
     parser.add_argument(
-        "--out", required=True, help="output folder: params/ (Orbax), config.yaml, tokenizers.json"
+        "--workdir", required=True, help="training run folder, local or gs:// (its newest checkpoint)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder, local or gs://: params/ (Orbax), config.yaml, tokenizers.json",
     )
     parser.add_argument(
         "--text-tokenizer", help="SentencePiece model (default: the one the training data used)"
@@ -17,13 +21,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from lvm import checkpoint
     from lvm.config import MeshConfig
+    from lvm.data_pipeline import storage
 
-    workdir = Path(args.workdir)
-    if not (workdir / "checkpoints").is_dir():
+    workdir, out = checkpoint.resolve_uri(args.workdir), checkpoint.resolve_uri(args.out)
+    if not checkpoint.is_folder(storage.join(workdir, "checkpoints")):
         raise FileNotFoundError(
             f"{workdir} is not a training run folder (no checkpoints/); give `lvm train`'s --workdir"
         )
@@ -33,7 +36,7 @@ def run(args) -> int:
     tokenizers = checkpoint.read_tokenizers(workdir)
     for key, value in (("text_tokenizer", args.text_tokenizer), ("vqgan", args.vqgan)):
         if value:
-            tokenizers[key] = str(Path(value).resolve())
-    path = checkpoint.export(args.out, params, cfg, tokenizers)
-    print(json.dumps({"params": path, "config": str(Path(args.out) / checkpoint.CONFIG_FILE), **tokenizers}))
+            tokenizers[key] = checkpoint.resolve_uri(value)
+    path = checkpoint.export(out, params, cfg, tokenizers)
+    print(json.dumps({"params": path, "config": storage.join(out, checkpoint.CONFIG_FILE), **tokenizers}))
     return 0

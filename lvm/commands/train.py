@@ -20,7 +20,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--stage", help="train this stage of the curriculum given as --config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--workdir", required=True, help="run folder: checkpoints, logs, summary.json")
+    parser.add_argument(
+        "--workdir", required=True, help="run folder (local or gs://): checkpoints, logs, summary.json"
+    )
     parser.add_argument("--init-from", help="start from this workdir's or `lvm export` folder's params")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     distributed.add_arguments(parser)

@@ -183,6 +183,55 @@ def test_restore_onto_another_mesh_gives_the_same_loss(tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[2] == pytest.approx(losses[0], rel=1e-5)
 
 
+def test_time_based_checkpoints_follow_the_clock_and_process_0_decides(tmp_path, monkeypatch, capfd):
+    # a fake clock: 50 s per step; checkpoint_minutes=2 saves when 120 s passed since the last save
+    cfg = stage_cfg(
+        "train.steps=8",
+        "train.checkpoint_every=5",
+        "train.checkpoint_minutes=2",
+        "train.keep_checkpoints=10",
+    )
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer.clock = lambda: 50.0 * trainer.step
+    # the write of checkpoint 5 fails once (as a storage outage beyond the clients' retries would): saved again
+    import lvm.trainer
+
+    monkeypatch.setattr(lvm.trainer, "SAVE_RETRY_S", 0.0)
+    save, failed = trainer.checkpoints.save, []
+
+    def flaky_save(step, *args):
+        if step == 5 and not failed:
+            failed.append(step)
+            raise OSError("injected: the bucket is unreachable")
+        save(step, *args)
+
+    monkeypatch.setattr(trainer.checkpoints, "save", flaky_save)
+    try:
+        trainer.run()
+        # 150 s at step 3; step 5 by count (resets the timer); 150 s again at step 8 (the end saves anyway)
+        assert trainer.checkpoints.all_steps() == [3, 5, 8]
+    finally:
+        trainer.close()
+    assert failed == [5] and "writing a checkpoint failed (OSError: injected" in capfd.readouterr().err
+
+    # with several processes, process 0's decision is broadcast: this one's clock does not count
+    from jax.experimental import multihost_utils
+
+    import lvm.trainer
+
+    sent = []
+
+    def broadcast(x):
+        sent.append(bool(x))
+        return np.array(False)  # process 0 says: not yet
+
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", broadcast)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    assert lvm.trainer._agreed(True) is False and sent == [True]
+    with pytest.raises(ConfigError, match="checkpoint_minutes=-1.0 must be a number of minutes >= 0"):
+        stage_cfg("train.checkpoint_minutes=-1")
+
+
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nonfinite_loss_stops_or_skips_and_keeps_the_last_good_checkpoint(tmp_path, policy):
     # an absurd learning rate blows the parameters up after the first update: step 2's loss is not finite
