@@ -310,11 +310,12 @@ worker_start() {  # start "$@" detached from the ssh session; lvm.pid, then lvm.
   if [[ -n $dest && $dest != gs://* ]]; then
     mkdir -p "$dest" && log=$dest/host-$host-$stamp.log
   fi
-  rm -f lvm.pid lvm.exit lvm.stopped
+  rm -f lvm.pid lvm.wrapper lvm.exit lvm.exit.tmp lvm.stopped
   ln -sfn "$log" lvm.log
   echo "== $(date -u '+%F %T') UTC on $host: $*" >>"$log"
   (
     trap '' HUP
+    echo "$BASHPID" >lvm.wrapper
     upload() { timeout 600 gcloud storage cp "$log" "$dest/host-$host-$stamp.log" || true; }
     setsid "$@" >>"$log" 2>&1 </dev/null &
     pid=$!
@@ -326,11 +327,12 @@ worker_start() {  # start "$@" detached from the ssh session; lvm.pid, then lvm.
     wait "$pid"
     status=$?
     echo "== $(date -u '+%F %T') UTC: exit status $status" >>"$log"
-    echo "$status" >lvm.exit.tmp && mv lvm.exit.tmp lvm.exit
+    echo "$status" >lvm.exit.tmp
     if [[ $dest == gs://* ]]; then  # the last copy, after the periodic ones (none may overwrite it)
       wait "$uploader"
       upload
     fi
+    mv lvm.exit.tmp lvm.exit  # last: once a run is reported finished, its log is up
   ) >/dev/null 2>&1 </dev/null &
   local _
   for _ in $(seq 100); do
@@ -366,6 +368,8 @@ worker_state() {  # "running PID", "exited STATUS [stopped]", "lost" (gone witho
     echo "exited $(cat lvm.exit)$([[ -f lvm.stopped ]] && echo ' stopped')"
   elif [[ -f lvm.pid ]] && kill -0 "$(cat lvm.pid)" 2>/dev/null; then
     echo "running $(cat lvm.pid)"
+  elif [[ -f lvm.exit.tmp ]] && kill -0 "$(cat lvm.wrapper)" 2>/dev/null; then
+    echo "running $(cat lvm.pid) (exited $(cat lvm.exit.tmp), copying its log up)"
   elif [[ -f lvm.pid ]]; then
     echo lost
   else

@@ -104,6 +104,10 @@ class Page:
 
         return WebDriverWait(self.d, timeout, poll_frequency=0.1).until(predicate, f"waiting for {what}")
 
+    def element(self, css: str):
+        """The element `css` names, once the page has rendered it (Gradio draws parts of the page late)."""
+        return self.wait(lambda d: (d.find_elements("css selector", css) or [None])[0], css)
+
     def text(self, elem_id: str) -> str:
         return self.d.find_element("id", elem_id).text
 
@@ -128,11 +132,11 @@ class Page:
         return [m.text.strip() for m in self.d.find_elements("css selector", "#chat [data-testid=bot]")]
 
     def ask(self, question: str, submit: bool = True) -> None:
-        box = self.d.find_element("css selector", "#question textarea")
+        box = self.element("#question textarea")
         box.clear()
         box.send_keys(question)
         if submit:
-            self.d.find_element("id", "send").click()
+            self.element("#send").click()
 
     def answer(self, asked_before: int) -> tuple[str, str]:
         """(the newest answer, the chat's status line) once the answer after `asked_before` answers is done."""
@@ -150,10 +154,10 @@ class Page:
         return [c.text for c in self.d.find_elements("css selector", "#frames .caption-label")]
 
     def pick(self, name: str) -> None:
-        box = self.d.find_element("css selector", "#pick input")
+        box = self.element("#pick input")
         box.clear()
         box.send_keys(name + "\n")
-        self.d.find_element("id", "read-pick").click()
+        self.element("#read-pick").click()
 
 
 def test_upload_ask_stream_and_score_options(app, browsers, question, qa_answer, tmp_path):
@@ -185,7 +189,7 @@ def test_upload_ask_stream_and_score_options(app, browsers, question, qa_answer,
     assert streamed[-1].strip() == expected == app.model.answer(video.ctx, question, max_new_tokens=32)
 
     # multiple choice: the options' probabilities (from Model.option_logprobs) as a bar chart
-    page.d.find_element("css selector", "#multiple-choice input").click()
+    page.element("#multiple-choice input").click()
     options = page.wait(lambda d: d.find_element("css selector", "#options textarea"), "the options box")
     options.send_keys("Blue.\nRed.")
     page.ask(question)
@@ -224,7 +228,7 @@ def test_bad_input_gets_a_message_and_the_page_goes_on(app, browsers, question, 
     assert page.answer(0)[0] == expected
 
     # a video longer than the context at the asked rate: the page offers the frames that fit
-    page.d.find_element("css selector", "#budgets button.label-wrap").click()  # open "Frames and budgets"
+    page.element("#budgets button.label-wrap").click()  # open "Frames and budgets"
     fps = page.wait(lambda d: d.find_element("css selector", "#fps input"), "the fps field")
     fps.clear()
     fps.send_keys("4\t")
