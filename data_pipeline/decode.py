@@ -160,7 +160,9 @@ def _open_image(path: str):
         return None
 
 
-def _open(path: str, threads: int):
+def open_video(path: str, threads: int):
+    """A decord VideoReader of a local file; `DecodeError` naming the cause (missing, empty, no video stream,
+    truncated or corrupt) when there is none."""
     import decord
 
     if not os.path.exists(path):
@@ -192,7 +194,7 @@ def _reader(path: str, threads: int, reuse: bool):
     if reuse and key is not None and _READER is not None and _READER[0] == key:
         return _READER[1]
     _READER = None  # frees the previous video's decoder first
-    reader = _open(path, threads)
+    reader = open_video(path, threads)
     _READER = None if key is None else (key, reader)
     return reader
 

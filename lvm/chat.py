@@ -243,33 +243,31 @@ class Chat:
     def _decode(self, uri, name, frames, fps, fit, on_progress):
         """(codes [T, h, w], thumbnails, VideoInfo) of `uri` sampled as `read` describes, as `Model.read_video`
         samples and encodes it (the same frames and codes for the same settings), reporting progress."""
-        from lvm.data_pipeline.decode import DecodeConfig, DecodeError, Decoder, TooManyFrames, fps_within
+        from lvm.data_pipeline.decode import DecodeError, Decoder, TooManyFrames, fps_within
 
-        cfg = DecodeConfig(
-            resolution=self.model.vqgan.cfg.resolution,
-            fps=fps or 1.0,
-            num_frames=None if fps else (frames or fit),
-            max_frames=(frames or None) if fps else None,
-            frame_limit=fit,
-        )
-        codes, thumbs, done, keep = [], [], 0, None
+        if fps:  # at `fps`, at most `frames`; else `frames` (or as many as fit) evenly
+            cfg = self.model.decode_config(fps, None, frames or None, fit)
+        else:
+            cfg = self.model.decode_config(None, frames or fit, None, fit)
+        thumbs, done, keep = [], 0, None
+
+        def on_chunk(chunk, _codes, info):
+            nonlocal done, keep
+            total = info.sampled if info else len(chunk.frames)
+            if keep is None:
+                keep = set(np.linspace(0, total - 1, min(total, THUMBNAILS)).round().astype(int).tolist())
+            for k, (frame, t) in enumerate(zip(chunk.frames, chunk.timestamps, strict=True)):
+                if done + k in keep:
+                    thumbs.append((_enlarge(frame), f"#{done + k + 1} · {clock(float(t))}"))
+            done += len(chunk.frames)
+            if on_progress:
+                on_progress(done / max(total, 1), f"decoding and encoding: {done} of {total} frames")
+
         if on_progress:
             on_progress(0.0, f"opening {name}")
         try:
             with Decoder(cfg) as decoder:
-                for chunk in decoder.frames(uri):
-                    total = decoder.info.sampled if decoder.info else len(chunk.frames)
-                    if keep is None:
-                        keep = set(
-                            np.linspace(0, total - 1, min(total, THUMBNAILS)).round().astype(int).tolist()
-                        )
-                    codes.append(self.model.vqgan.encode(chunk.frames))
-                    for k, (frame, t) in enumerate(zip(chunk.frames, chunk.timestamps, strict=True)):
-                        if done + k in keep:
-                            thumbs.append((_enlarge(frame), f"#{done + k + 1} · {clock(float(t))}"))
-                    done += len(chunk.frames)
-                    if on_progress:
-                        on_progress(done / max(total, 1), f"decoding and encoding: {done} of {total} frames")
+                codes = self.model.encode_frames(decoder, uri, on_chunk)
                 info = decoder.info
         except TooManyFrames as err:
             length = clock(err.frames / err.fps)
@@ -283,9 +281,9 @@ class Chat:
             raise ChatError(f"cannot read {name} as a video: {err}") from None
         except storage.StorageError as err:
             raise ChatError(f"cannot read {name}: {err}") from None
-        if not codes:
+        if codes is None:
             raise ChatError(f"no frames could be sampled from {name}")
-        return np.concatenate(codes), thumbs, info
+        return codes, thumbs, info
 
     def _summary(self, video: ChatVideo, info, read_s: float, waited_s: float) -> str:
         n, context, per_frame = len(video.codes), self.model.context, self.model.frame_tokens()

@@ -136,7 +136,7 @@ class Model:
         per CPU but one, `decode.default_decode_workers`) decode the videos ahead, a long one in segments, while
         the VQGAN encodes; the codes do not depend on the count (starting a worker costs about a second, so
         read many videos through one call)."""
-        from lvm.data_pipeline.decode import DecodeConfig, DecodeError, DecodePool, TooManyFrames, fps_within
+        from lvm.data_pipeline.decode import DecodeError, DecodePool, TooManyFrames, fps_within
 
         uris = list(uris)
         kept = 256 if reserve is None else reserve
@@ -164,18 +164,12 @@ class Model:
             flag = "--max-frames" if asked != num_frames else "--num-frames"
             what = uris[0] if len(uris) == 1 else f"{len(uris)} videos"
             raise too_long(f"{what} ({flag} {asked})", asked, f"use {flag} {limit} or fewer")
-        decode_cfg = DecodeConfig(
-            resolution=self.vqgan.cfg.resolution,
-            fps=fps or 1.0,
-            num_frames=num_frames,
-            max_frames=max_frames,
-            frame_limit=limit,
-        )
+        decode_cfg = self.decode_config(fps, num_frames, max_frames, limit)
         with DecodePool(decode_cfg, workers=decode_workers, progress=progress) as pool:
             pool.schedule(uris)
             for uri in uris:
                 try:
-                    codes = [self.vqgan.encode(chunk.frames) for chunk in pool.frames(uri)]
+                    codes = self.encode_frames(pool, uri)
                 except TooManyFrames as err:  # from the video's metadata, before decoding
                     seconds = err.frames / err.fps
                     length = f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
@@ -183,9 +177,33 @@ class Model:
                     raise too_long(f"{uri} ({length} at --fps {fps:g})", err.sampled, fix) from None
                 except DecodeError as err:
                     raise ValueError(f"cannot read the video {uri}: {err}") from None
-                if not codes:
+                if codes is None:
                     raise ValueError(f"no frames could be sampled from {uri}")
-                yield np.concatenate(codes)
+                yield codes
+
+    def decode_config(self, fps: float | None, num_frames: int | None, max_frames: int | None, frame_limit):
+        """How `read_videos` samples frames: `num_frames` evenly, else at `fps` (1 if None), at most
+        `max_frames`; over `frame_limit` frames is `TooManyFrames` (None: no limit)."""
+        from lvm.data_pipeline.decode import DecodeConfig
+
+        return DecodeConfig(
+            resolution=self.vqgan.cfg.resolution,
+            fps=fps or 1.0,
+            num_frames=num_frames,
+            max_frames=max_frames,
+            frame_limit=frame_limit,
+        )
+
+    def encode_frames(self, source, uri: str, on_chunk: Callable | None = None) -> np.ndarray | None:
+        """VQGAN codes [T, h, w] of the frames `source` (a `Decoder` or `DecodePool`) decodes from `uri`, None
+        when it gives none; `on_chunk(chunk, codes, info)` after each chunk is encoded (`info`: the video's
+        `VideoInfo`, once known). Decoding errors (`DecodeError`, `TooManyFrames`) pass through."""
+        codes = []
+        for chunk in source.frames(uri):
+            codes.append(self.vqgan.encode(chunk.frames))
+            if on_chunk is not None:
+                on_chunk(chunk, codes[-1], source.info)
+        return np.concatenate(codes) if codes else None
 
     # Question answering ----------------------------------------------------------------------------------------
 
@@ -304,8 +322,8 @@ class Model:
             ids = np.asarray(answer)[None, :-1]
             text, _, _ = self.generator.extend_chunked(cache, ids, np.zeros(ids.shape, bool))
             rows.append(text[0])
-        predictors = np.concatenate(rows, axis=0)  # row i predicts answer[i]
-        logp = predictors - _logsumexp(predictors)
+        predictors = np.concatenate(rows, axis=0)[:, : self.codec.vocab_size]  # row i predicts answer[i]
+        logp = predictors - _logsumexp(predictors)  # over the ids the tokenizer can produce (no padded rows)
         return float(np.sum(logp[np.arange(len(answer)), answer]))
 
     # Generation ------------------------------------------------------------------------------------------------

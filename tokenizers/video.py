@@ -41,10 +41,10 @@ def list_videos(source: str | os.PathLike) -> list[str]:
 def _reader(path: str):
     """A decord VideoReader of a local file; `VideoError` (not found, empty, truncated or corrupt, no video
     stream, no frames) when there is none."""
-    from lvm.data_pipeline.decode import DecodeError, _open
+    from lvm.data_pipeline.decode import DecodeError, open_video
 
     try:
-        reader = _open(path, threads=1)
+        reader = open_video(path, threads=1)
     except DecodeError as err:
         raise VideoError(path, str(err)) from None
     if len(reader) == 0:

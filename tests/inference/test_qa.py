@@ -127,6 +127,16 @@ def test_sampling_never_decodes_an_id_beyond_the_tokenizer(trained, capsys):
         model.answer(ctx, "In the beginning", max_new_tokens=12, sampling=Sampling(3.0), seed=seed)
 
 
+def test_option_likelihoods_are_over_the_tokenizers_vocabulary(trained):
+    model = load_model(trained / "export")
+    vocab = model.codec.vocab_size
+    logits = np.random.default_rng(0).normal(size=model.cfg.model.text_vocab_size).astype(np.float32)
+    logits[vocab:] = 50.0  # padded rows no tokenizer id names: they must not take probability
+    reference = logits[:vocab] - np.log(np.exp(logits[:vocab].astype(np.float64)).sum())
+    for token in (0, 7, vocab - 1):
+        assert model._answer_logprob(logits, None, [token]) == pytest.approx(reference[token], abs=1e-5)
+
+
 def test_default_frames_fill_the_context_and_options_score_by_likelihood(trained, question):
     model = load_model(trained / "export")
     room = 64
