@@ -516,31 +516,35 @@ def extend(
     S = cache.k.shape[2]
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)  # [b, T]
     rope = rope_angles(positions, m.head_dim, m.rope_theta)
-    offset = jnp.arange(S)[None, :] - cache.length[:, None]  # [b, S]: slot s holds new token offset[b, s]
-    written = ((offset >= 0) & (offset < T))[..., None, None]
-    take = jnp.clip(offset, 0, T - 1)[..., None, None]
+    rows = jnp.arange(b)[:, None]  # [b, 1]: with positions [b, T], the slots the new tokens take
     visible = jnp.arange(S)[None, None, :] <= positions[..., None]  # [b, T, S]
     axes = layer_axes(m)
     g = m.n_heads // m.n_kv_heads
 
-    def attend_cache(x, p, kc, vc):  # dense attention of the new tokens over the cache they are written into
+    def attend_cache(x, p, k_all, v_all, i):  # the new tokens written into layer i's cache, then attending over it
         q, k, v = _qkv(x, p, axes, rope, plan)
-        kc = jnp.where(written, jnp.take_along_axis(k, take, axis=1), kc)
-        vc = jnp.where(written, jnp.take_along_axis(v, take, axis=1), vc)
-        kc, vc = (with_logical_constraint(c, CACHE_AXES[1:], mesh) for c in (kc, vc))
+        # a scatter of T slots per row into the carried cache (in place), not a rewrite of all S slots; slots
+        # past the cache (no room) are dropped, as `_check_room` callers never ask for them
+        k_all, v_all = (
+            with_logical_constraint(c.at[i, rows, positions].set(n.astype(c.dtype), mode="drop"), CACHE_AXES, mesh)
+            for c, n in ((k_all, k), (v_all, v))
+        )
+        kc, vc = k_all[i], v_all[i]
         qg = q.reshape(b, T, m.n_kv_heads, g, m.head_dim).astype(F32) * m.head_dim**-0.5
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, kc.astype(F32))
         probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, -jnp.inf), axis=-1)
         o = jnp.einsum("bkgts,bskd->btkgd", probs, vc.astype(F32)).reshape(b, T, m.n_heads, m.head_dim)
-        return o, (kc, vc)
+        return o, (k_all, v_all)
 
-    def layer(x, p_kv):
-        p, kc, vc = p_kv
-        attend = lambda x: attend_cache(x, p, kc, vc)
-        return _layer(x, attend, _use(p["wo"], axes["wo"], plan), lambda x: _swiglu_block(x, p, axes, plan))
+    def layer(carry, p):
+        x, k_all, v_all, i = carry
+        attend = lambda x: attend_cache(x, p, k_all, v_all, i)
+        ff = lambda x: _swiglu_block(x, p, axes, plan)
+        x, (k_all, v_all) = _layer(x, attend, _use(p["wo"], axes["wo"], plan), ff)
+        return (x, k_all, v_all, i + 1), None
 
     x = _embed(params, tokens, vision_mask, plan)
-    x, (k_all, v_all) = lax.scan(layer, x, (params["layers"], cache.k, cache.v))
+    (x, k_all, v_all, _), _ = lax.scan(layer, (x, cache.k, cache.v, jnp.int32(0)), params["layers"])
     h = rms_norm(x, params["final_norm"], m.norm_eps)
     text, vision = (_logits(h, w) for w in _head_weights(params, plan))
     return text, vision, KVCache(k_all, v_all, cache.length + T)
