@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "chat.png"  # rewritten when missing or with LVM_UPDATE_SCREENSHOT=1
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 WAIT_S = 120
+READ_WAIT_S = 300
 
 
 def free_port() -> int:
@@ -120,8 +121,21 @@ class Page:
         box[0].send_keys(str(path))
 
     def video_status(self, contains: str) -> str:
-        """The video's status line once it contains `contains` (the read finished)."""
-        self.wait(lambda d: contains in self.text("video-status") and self.idle("video-status"), contains)
+        """The video's status line once it contains `contains` (the read finished). A read compiles and runs
+        the model on 2 cores shared with other tests: it gets READ_WAIT_S, and a timeout shows the line."""
+        from selenium.common.exceptions import TimeoutException
+
+        try:
+            self.wait(
+                lambda d: contains in self.text("video-status") and self.idle("video-status"),
+                contains,
+                timeout=READ_WAIT_S,
+            )
+        except TimeoutException as err:
+            raise AssertionError(
+                f"waited {READ_WAIT_S} s for {contains!r} in the video status; it shows "
+                f"{self.text('video-status')!r} (idle: {self.idle('video-status')})"
+            ) from err
         return self.text("video-status")
 
     def idle(self, elem_id: str) -> bool:
