@@ -25,6 +25,7 @@ import dataclasses
 import os
 import queue
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -613,6 +614,11 @@ def serve(
     """Launch the page on host:port (never a public share link); with `block=False` return the running app
     (`app.local_url`, `app.close()`)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        # Uploads in a folder of this process's own: Gradio names an upload by its content's hash in one shared
+        # folder and deletes an app's files when it closes, so another server (or an earlier one's old copy,
+        # swept by age) would take away a video this one is still reading.
+        os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="lvm-chat-uploads-")
     app = build_app(chat)
     app.queue(default_concurrency_limit=1, max_size=64)
     try:
