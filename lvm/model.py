@@ -521,12 +521,11 @@ def extend(
     axes = layer_axes(m)
     g = m.n_heads // m.n_kv_heads
 
-    def attend_cache(
-        x, p, k_all, v_all, i
-    ):  # the new tokens written into layer i's cache, then attending over it
+    def attend_cache(x, p, k_all, v_all, i):
+        """The new tokens written into layer i of the carried cache, then attending densely over that layer.
+        The write scatters T slots per row (in place), not a rewrite of all S slots; slots past the cache are
+        dropped (`_check_room` keeps callers from asking for them)."""
         q, k, v = _qkv(x, p, axes, rope, plan)
-        # a scatter of T slots per row into the carried cache (in place), not a rewrite of all S slots; slots
-        # past the cache (no room) are dropped, as `_check_room` callers never ask for them
         k_all, v_all = (
             with_logical_constraint(
                 c.at[i, rows, positions].set(n.astype(c.dtype), mode="drop"), CACHE_AXES, mesh
