@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import sys
 import threading
 
@@ -18,12 +19,20 @@ cpu_devices.simulate(8, cpu_only=True)
 _cache = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# The test processes' own programs are tiny and many, so compiling them costs more than running them: here they
+# compile at LLVM's cheapest optimisation level (into a cache folder of their own). It changes no result the
+# tests check (the same HLO, less optimised machine code). The subprocesses the tests start (training runs of
+# many steps, where that level doubles the time) get the environment as it was: restored once jax is loaded.
+_child_env = {name: os.environ[name] for name in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_child_env["JAX_COMPILATION_CACHE_DIR"], "tests-O0")
 
 # torch is in the test environment only to check `lvm export-hf` in a subprocess. tensorboardX imports it when
 # it can, and torch loaded beside jax's profiler crashed test workers (segfault in start_trace): keep it out.
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
 sys.modules.setdefault("torch", None)
 
+import filelock  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -36,6 +45,7 @@ from lvm.tokenizers.config import load_config as load_vqgan_config  # noqa: E402
 from lvm.tokenizers.vqgan import init_variables, save_model  # noqa: E402
 
 assert jax.device_count() == 8, "tests expect 8 simulated CPU devices; jax was imported before conftest.py"
+os.environ.update(_child_env)  # read by jax above (the backend is initialised); children get the originals
 
 
 def make_mesh(shape, names=("dp", "fsdp", "tp", "sp")):
@@ -159,10 +169,23 @@ def tiny_tokenizers(root):
     return text.train(TEXT_CORPUS, 400, root / "sp")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny model trained on red / blue video QA; returns (export folder, workdir, a held-out red video)."""
-    root = tmp_path_factory.mktemp("qa")
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, worker_id):
+    """A tiny model trained on red / blue video QA, once per `make test` (the first worker that asks trains it,
+    the other waits for it): the folder with the videos, `run/` and `export/`. Tests only read it."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":  # xdist: each worker's base folder sits in the run's own shared folder
+        shared = shared.parent
+    root = shared / "trained-qa"
+    with filelock.FileLock(f"{root}.lock"):
+        if not (root / "complete").is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that died while training left a partial one
+            root.mkdir()
+            _train_qa_model(root)
+    return root
+
+
+def _train_qa_model(root):
     tok = tiny_tokenizers(root)
     lines = []
     for i in range(16):
@@ -181,4 +204,4 @@ def trained(tmp_path_factory):
     run_command("export", ["--workdir", str(root / "run"), "--out", str(root / "export")])
     colour_video(root / "held_out_red.mp4", COLOURS["Red"], seed=100)
     colour_video(root / "held_out_blue.mp4", COLOURS["Blue"], seed=101)
-    return root
+    (root / "complete").touch()

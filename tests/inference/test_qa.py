@@ -1,4 +1,4 @@
-"""`lvm qa`, `lvm generate` and the inference API end to end, on the model of `qa_assets.trained`."""
+"""`lvm qa`, `lvm generate` and the inference API end to end, on the tiny model of conftest.py's `trained` fixture."""
 
 import json
 import os
@@ -18,7 +18,7 @@ from lvm.inference import GREEDY, load_model
 from lvm.tokenizers import format as fmt
 
 pytestmark = [
-    pytest.mark.slow,  # every test trains the tiny red/blue model first (the `trained` fixture)
+    pytest.mark.slow,  # every test needs the tiny red/blue model (the `trained` fixture: trained once a session)
     pytest.mark.xdist_group("qa"),
     pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning"),
 ]
